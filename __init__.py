@@ -1,2 +1,6 @@
 """Quiver: adapter composition and routing runtime for modular LLMs."""
+
+from .library import Library, LoraAdapter, load_base_model
+
 __version__ = "0.1.0"
+__all__ = ["Library", "LoraAdapter", "load_base_model"]

@@ -1,1 +1,24 @@
-"""library."""
+"""The adapter library: data model, persisted store, embeddings, search, PEFT interop."""
+
+from .adapter import BaseModelRef, LoraAdapter, LoraModule, check_name
+from .base_model import DEFAULT_MODEL, BaseModelSpec, fingerprint, load_base_model
+from .errors import (
+    AdapterFormatError,
+    AdapterNotFoundError,
+    CorruptBlobError,
+    DuplicateNameError,
+    QuiverError,
+    UnsupportedAdapterError,
+    ValidationError,
+)
+from .index import IndexConfig, VectorIndex
+from .peft_io import read_peft_dir, write_peft_dir
+from .store import AdapterRecord, EmbeddingConfig, Library, VerifyReport
+
+__all__ = [
+    "AdapterFormatError", "AdapterNotFoundError", "AdapterRecord", "BaseModelRef", "BaseModelSpec",
+    "CorruptBlobError", "DEFAULT_MODEL", "DuplicateNameError", "EmbeddingConfig", "IndexConfig",
+    "Library", "LoraAdapter", "LoraModule", "QuiverError", "UnsupportedAdapterError",
+    "ValidationError", "VectorIndex", "VerifyReport", "check_name", "fingerprint",
+    "load_base_model", "read_peft_dir", "write_peft_dir",
+]

@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny random Llama (hidden 32, 2 layers, GQA) built once per session."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def make_tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                      max_position_embeddings=128, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A tiny random Llama; tests that modify it must deep-copy it."""
+    model = make_tiny_llama()
+    model._quiver_model_id = "tiny-llama"
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tiny_model):
+    from quiver.library import BaseModelSpec
+
+    return BaseModelSpec.from_model(tiny_model, "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_model):
+    """The tiny Llama saved as a Hugging Face directory."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def lib(tmp_path, tiny_spec):
+    from quiver.library import Library
+
+    with Library.open(tmp_path / "lib", base_model=tiny_spec) as library:
+        yield library
+
+
+@pytest.fixture
+def peft_adapter_dir(tmp_path, tiny_model):
+    """Factory: save a LoRA made by peft itself on the tiny model; returns its directory."""
+    from peft import LoraConfig, get_peft_model
+
+    def make(name="a", seed=1, **lora_kwargs):
+        kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        kwargs.update(lora_kwargs)
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(copy.deepcopy(tiny_model), LoraConfig(**kwargs))
+        out = tmp_path / f"peft-{name}"
+        peft_model.save_pretrained(out)
+        return out
+
+    return make

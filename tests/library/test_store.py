@@ -1,0 +1,173 @@
+"""Catalog + blob store: round trips, metadata operations, bad input leaves the library as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from quiver.library import (
+    AdapterNotFoundError,
+    BaseModelRef,
+    CorruptBlobError,
+    DuplicateNameError,
+    Library,
+    ValidationError,
+)
+from quiver.library.synthetic import random_adapter
+
+
+def snapshot(library: Library) -> tuple:
+    """Everything a failed operation must leave unchanged: rows, blobs, generation."""
+    rows = [r.to_dict() for r in library.list()]
+    blobs = sorted(p.name for p in (library.path / "blobs").glob("*/*"))
+    return json.dumps(rows, sort_keys=True), blobs, library.generation
+
+
+def test_add_get_roundtrip_is_exact_and_content_addressed(lib, tiny_spec):
+    ad = random_adapter(tiny_spec, "sql", rank=4, seed=1)
+    rec = lib.add(ad, description="turn questions into SQL", examples=["list users"], tags=["db"])
+    got = lib.get("sql")
+    assert set(got.modules) == set(ad.modules)
+    for path, m in ad.modules.items():
+        assert torch.equal(got.modules[path].A, m.A) and torch.equal(got.modules[path].B, m.B)
+    blob = lib.path / "blobs" / rec.blob[:2] / rec.blob
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == rec.blob == ad.content_hash()
+    assert (rec.rank, rec.description, rec.examples, rec.tags) == (4, "turn questions into SQL", ["list users"], ["db"])
+    assert rec.target_modules == sorted({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+
+
+def test_catalog_is_wal_and_persists_across_opens(lib, tiny_spec):
+    lib.add(random_adapter(tiny_spec, "a", seed=1))
+    assert lib._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with Library.open(lib.path) as again:
+        assert again.names() == ["a"] and again.base.fingerprint == tiny_spec.fingerprint
+
+
+def test_list_rename_tag_describe(lib, tiny_spec):
+    lib.add(random_adapter(tiny_spec, "a", seed=1), tags=["x"])
+    lib.add(random_adapter(tiny_spec, "b", seed=2))
+    lib.rename("a", "c")
+    assert lib.names() == ["b", "c"]
+    assert lib.tag("c", "y") == ["x", "y"]
+    assert lib.tag("c", "x", remove=True) == ["y"]
+    assert [r.name for r in lib.list(tag="y")] == ["c"]
+    assert lib.describe("b", description="new").description == "new"
+    with pytest.raises(DuplicateNameError, match="'b' already exists"):
+        lib.rename("c", "b")
+    with pytest.raises(AdapterNotFoundError, match="no adapter named 'zzz'.*has: b, c"):
+        lib.get("zzz")
+
+
+def test_identical_content_shares_one_blob_until_last_reference_goes(lib, tiny_spec):
+    ad = random_adapter(tiny_spec, "a", seed=3)
+    ra = lib.add(ad)
+    rb = lib.add(ad, "b")
+    assert ra.blob == rb.blob and len(list((lib.path / "blobs").glob("*/*"))) == 1
+    lib.remove("a")
+    assert len(list((lib.path / "blobs").glob("*/*"))) == 1 and lib.get("b")
+    lib.remove("b")
+    assert list((lib.path / "blobs").glob("*/*")) == [] and len(lib) == 0
+
+
+def test_replace_bumps_version_and_drops_old_blob(lib, tiny_spec):
+    r1 = lib.add(random_adapter(tiny_spec, "a", seed=1))
+    r2 = lib.add(random_adapter(tiny_spec, "a", seed=2), replace=True)
+    assert (r1.version, r2.version) == (1, 2) and r1.blob != r2.blob
+    assert [p.name for p in (lib.path / "blobs").glob("*/*")] == [r2.blob]
+
+
+def _bad(tiny_spec, kind):
+    ad = random_adapter(tiny_spec, "bad", rank=2, seed=5)
+    path = sorted(ad.modules)[0]
+    if kind == "unknown_module":
+        ad.modules["model.layers.7.self_attn.q_proj"] = ad.modules[path]
+    elif kind == "shape":
+        ad.modules[path].A = torch.zeros(2, 31)
+    elif kind == "nan":
+        ad.modules[path].B[0, 0] = float("nan")
+    elif kind == "inf":
+        ad.modules[path].A[0, 0] = float("inf")
+    elif kind == "fingerprint":
+        ad.base_model = BaseModelRef("other", "f" * 64)
+    return ad
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("unknown_module", r"1 module path\(s\) are not linear layers of the base model 'tiny-llama': model\.layers\.7\.self_attn\.q_proj"),
+    ("shape", r"shape mismatch: model\.layers\.0\.mlp\.down_proj: A \(2, 31\), B \(32, 2\), expected A \(r, 64\)"),
+    ("nan", r"NaN or Inf weights in model\.layers\.0\.mlp\.down_proj"),
+    ("inf", r"NaN or Inf weights in model\.layers\.0\.mlp\.down_proj"),
+    ("fingerprint", r"made for base model 'other' \(fingerprint ffffffffffff\), but this library's base model is 'tiny-llama'"),
+])
+def test_invalid_adapters_are_refused_and_library_unchanged(lib, tiny_spec, kind, message):
+    lib.add(random_adapter(tiny_spec, "keep", seed=9))
+    before = snapshot(lib)
+    with pytest.raises(ValidationError, match=message):
+        lib.add(_bad(tiny_spec, kind))
+    assert snapshot(lib) == before
+    assert list((lib.path / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "", ".hidden", "a..b", "x" * 129, "sp ace"])
+def test_unsafe_names_are_refused(lib, tiny_spec, name):
+    before = snapshot(lib)
+    with pytest.raises(ValueError, match="invalid adapter name"):
+        lib.add(random_adapter(tiny_spec, "ok", seed=1), name)
+    assert snapshot(lib) == before
+
+
+def test_duplicate_name_is_refused_unchanged(lib, tiny_spec):
+    lib.add(random_adapter(tiny_spec, "a", seed=1))
+    before = snapshot(lib)
+    with pytest.raises(DuplicateNameError, match="an adapter named 'a' already exists"):
+        lib.add(random_adapter(tiny_spec, "a", seed=2))
+    assert snapshot(lib) == before
+
+
+def test_library_without_base_model_refuses_adds(tmp_path, tiny_spec):
+    with Library.open(tmp_path / "nobase") as bare:
+        with pytest.raises(ValidationError, match="has no base model yet"):
+            bare.add(random_adapter(tiny_spec, "a"))
+
+
+def test_opening_with_another_base_model_is_refused(lib, tiny_spec):
+    from dataclasses import replace
+    other = replace(tiny_spec, id="other", fingerprint="0" * 64)
+    with pytest.raises(ValidationError, match="belongs to base model 'tiny-llama'"):
+        Library.open(lib.path, base_model=other)
+
+
+def test_damaged_blob_is_detected_by_get_and_verify(lib, tiny_spec):
+    rec = lib.add(random_adapter(tiny_spec, "a", seed=1))
+    lib.add(random_adapter(tiny_spec, "b", seed=2))
+    blob = lib.path / "blobs" / rec.blob[:2] / rec.blob
+    data = bytearray(blob.read_bytes())
+    data[-5] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(CorruptBlobError, match="adapter 'a': blob .* is damaged"):
+        lib.get("a")
+    report = lib.verify()
+    assert not report.ok and report.checked == 2
+    assert [name for name, _ in report.damaged] == ["a"]
+
+
+def test_readding_repairs_a_damaged_shared_blob(lib, tiny_spec):
+    ad = random_adapter(tiny_spec, "a", seed=1)
+    rec = lib.add(ad)
+    blob = lib.path / "blobs" / rec.blob[:2] / rec.blob
+    blob.write_bytes(blob.read_bytes()[:-10] + b"0123456789")
+    lib.add(ad, "b")
+    assert lib.verify().ok
+
+
+def test_verify_reports_and_removes_orphan_blobs(lib, tiny_spec):
+    lib.add(random_adapter(tiny_spec, "a", seed=1))
+    orphan = lib.path / "blobs" / "ff" / ("ff" * 32)
+    orphan.parent.mkdir()
+    orphan.write_bytes(b"left by a killed add")
+    assert lib.verify().orphan_blobs == [orphan.name]
+    lib.verify(fix_orphans=True)
+    assert not orphan.exists() and lib.verify().orphan_blobs == [] and lib.get("a")
