@@ -106,8 +106,11 @@ def load_base_model(
     cache_dir: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    tokenizer: bool = True,
 ):
     """Return ``(model, tokenizer)`` for a known name or a local HF causal-LM directory.
+
+    With ``tokenizer=False`` only the model is loaded and the tokenizer returned is ``None``.
 
     The model is in eval mode on ``device``; the tokenizer pads on the left (what batched
     generation needs) and has a pad token. ``model._quiver_model_id`` names the model for
@@ -129,10 +132,12 @@ def load_base_model(
             )
         model_id = str(path.resolve())
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = None
+    if tokenizer:
+        tok = AutoTokenizer.from_pretrained(path)
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
     model._quiver_model_id = model_id
     fp_file = path / _FINGERPRINT_FILE
     if fp_file.is_file():

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def svd_embeddings(sparse_rows: Sequence[tuple[torch.Tensor, torch.Tensor]], n_p
     rows = torch.cat([torch.full_like(i, k) for k, (i, _) in enumerate(sparse_rows)])
     cols = torch.cat([i for i, _ in sparse_rows])
     vals = torch.cat([v for _, v in sparse_rows]).double()
-    with torch.sparse.check_sparse_tensor_invariants(False):
+    with torch.sparse.check_sparse_tensor_invariants(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
         X = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n, n_params)).coalesce()
         # The Gram matrix X X^T ([N, N]) has eigenvectors U and eigenvalues Σ²: exact, and
         # cheap for the library sizes this is used on (N up to a few thousand).

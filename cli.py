@@ -1,0 +1,226 @@
+"""The ``quiver`` command. Every subcommand composes ``conf/`` with Hydra; trailing
+``key=value`` arguments override any config key (``library.search.k=5``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .config import compose
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
+library_app = typer.Typer(
+    help="Register, inspect, embed and search LoRA adapters in a library directory. "
+    "The library is --library DIR, else library.path (default ./quiver-library or $QUIVER_LIBRARY).",
+    no_args_is_help=True,
+)
+app.add_typer(library_app, name="library")
+console = Console()
+EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+LibraryOpt = Annotated[Optional[Path], typer.Option("--library", "-L", help="Library directory.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _cfg(ctx: typer.Context):
+    bad = [a for a in ctx.args if "=" not in a or a.startswith("-")]
+    if bad:
+        raise typer.BadParameter(f"unexpected argument(s) {bad}; config overrides look like key=value")
+    return compose(ctx.args)
+
+
+def _open(cfg, path: Path | None, base_model=None):
+    from hydra.utils import instantiate
+
+    from .library import Library
+
+    return Library.open(path or Path(cfg.library.path), base_model=base_model,
+                        embed_config=instantiate(cfg.library.embed),
+                        index_config=instantiate(cfg.library.index))
+
+
+def _existing(cfg, path: Path | None):
+    """Open a library that must already exist (reading commands never create one)."""
+    p = path or Path(cfg.library.path)
+    if not (p / "catalog.sqlite").is_file():
+        raise FileNotFoundError(f"no library at {p} (create one with `quiver library init --library {p}`)")
+    return _open(cfg, p)
+
+
+def _print(obj, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, indent=2, default=str))
+    else:
+        console.print(obj)
+
+
+def _hits_table(hits, title: str) -> Table:
+    table = Table("adapter", "score", title=title)
+    for name, score in hits:
+        table.add_row(name, f"{score:.4f}")
+    return table
+
+
+@library_app.command("init", context_settings=EXTRA)
+def library_init(ctx: typer.Context, library: LibraryOpt = None):
+    """Create a library bound to the base model (model.name=..., default smollm2-135m)."""
+    import torch
+
+    from .library import BaseModelSpec, load_base_model
+
+    cfg = _cfg(ctx)
+    model, _ = load_base_model(cfg.model.name, cache_dir=cfg.model.cache_dir,
+                               dtype=getattr(torch, cfg.model.dtype), tokenizer=False)
+    lib = _open(cfg, library, base_model=BaseModelSpec.from_model(model))
+    console.print(f"library {lib.path} for base model {lib.base.id} "
+                  f"(fingerprint {lib.base.fingerprint[:12]}), {len(lib)} adapter(s)")
+
+
+@library_app.command("add", context_settings=EXTRA)
+def library_add(
+    ctx: typer.Context,
+    peft_dir: Annotated[Path, typer.Argument(help="A PEFT LoRA directory.")],
+    name: Annotated[str, typer.Option(help="Adapter name ([A-Za-z0-9._-]).")],
+    description: Annotated[str, typer.Option(help="What the adapter does (used by search).")] = "",
+    example: Annotated[Optional[list[str]], typer.Option(help="An example prompt; repeatable.")] = None,
+    tag: Annotated[Optional[list[str]], typer.Option(help="A tag; repeatable.")] = None,
+    replace: Annotated[bool, typer.Option(help="Replace an adapter of the same name.")] = False,
+    library: LibraryOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Import a PEFT LoRA directory into the library (validated, atomic)."""
+    lib = _existing(_cfg(ctx), library)
+    rec = lib.add_peft(peft_dir, name=name, description=description, examples=example or [],
+                       tags=tag or [], replace=replace)
+    _print(rec.to_dict() if as_json else f"added {rec.name} (rank {rec.rank}, {rec.n_modules} modules, "
+           f"blob {rec.blob[:12]}, version {rec.version})", as_json)
+
+
+@library_app.command("list", context_settings=EXTRA)
+def library_list(ctx: typer.Context, tag: Annotated[Optional[str], typer.Option(help="Only this tag.")] = None,
+                 library: LibraryOpt = None, as_json: JsonOpt = False):
+    """List adapters."""
+    records = _existing(_cfg(ctx), library).list(tag=tag)
+    if as_json:
+        return _print([r.to_dict() for r in records], True)
+    table = Table("name", "rank", "modules", "params", "tags", "description")
+    for r in records:
+        table.add_row(r.name, str(r.rank), str(r.n_modules), f"{r.n_params:,}", ",".join(r.tags),
+                      r.description[:60])
+    console.print(table)
+
+
+@library_app.command("show", context_settings=EXTRA)
+def library_show(ctx: typer.Context, name: str, library: LibraryOpt = None, as_json: JsonOpt = False):
+    """Show one adapter's record."""
+    _print(_existing(_cfg(ctx), library).info(name).to_dict(), as_json)
+
+
+@library_app.command("remove", context_settings=EXTRA)
+def library_remove(ctx: typer.Context, name: str, library: LibraryOpt = None):
+    """Remove an adapter (its blob goes when nothing else references it)."""
+    _existing(_cfg(ctx), library).remove(name)
+    console.print(f"removed {name}")
+
+
+@library_app.command("rename", context_settings=EXTRA)
+def library_rename(ctx: typer.Context, old: str, new: str, library: LibraryOpt = None):
+    """Rename an adapter."""
+    _existing(_cfg(ctx), library).rename(old, new)
+    console.print(f"renamed {old} -> {new}")
+
+
+@library_app.command("tag")
+def library_tag(name: str, tags: list[str], remove: Annotated[bool, typer.Option(help="Remove these tags.")] = False,
+                library: LibraryOpt = None):
+    """Add (or --remove) tags."""
+    lib = _existing(compose(), library)
+    console.print(f"{name}: tags {lib.tag(name, *tags, remove=remove)}")
+
+
+@library_app.command("export", context_settings=EXTRA)
+def library_export(ctx: typer.Context, name: str, out_dir: Path,
+                   overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT_DIR.")] = False,
+                   library: LibraryOpt = None):
+    """Write an adapter as a PEFT directory (loadable by peft.PeftModel.from_pretrained)."""
+    out = _existing(_cfg(ctx), library).export_peft(name, out_dir, overwrite=overwrite)
+    console.print(f"exported {name} to {out}")
+
+
+@library_app.command("verify", context_settings=EXTRA)
+def library_verify(ctx: typer.Context, fix: Annotated[bool, typer.Option(help="Delete unreferenced blobs.")] = False,
+                   library: LibraryOpt = None, as_json: JsonOpt = False):
+    """Re-hash every blob; exit 1 if any adapter is damaged."""
+    report = _existing(_cfg(ctx), library).verify(fix_orphans=fix)
+    if as_json:
+        _print(report.to_dict(), True)
+    else:
+        console.print(f"checked {report.checked} adapter(s): "
+                      f"{'ok' if report.ok else f'{len(report.damaged)} damaged'}; "
+                      f"{len(report.orphan_blobs)} unreferenced blob(s){' removed' if fix else ''}")
+        for name, problem in report.damaged:
+            console.print(f"  [red]{name}[/red]: {problem}")
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@library_app.command("embed", context_settings=EXTRA)
+def library_embed(ctx: typer.Context,
+                  kind: Annotated[Optional[list[str]], typer.Option(help="arrow, svd or text; repeatable (default all).")] = None,
+                  library: LibraryOpt = None, as_json: JsonOpt = False):
+    """Compute missing embeddings (cached by content and config)."""
+    counts = _existing(_cfg(ctx), library).embed(kinds=tuple(kind or ("arrow", "svd", "text")))
+    _print(counts, as_json)
+
+
+@library_app.command("search", context_settings=EXTRA)
+def library_search(ctx: typer.Context, query: str, k: Annotated[Optional[int], typer.Option("-k")] = None,
+                   library: LibraryOpt = None, as_json: JsonOpt = False):
+    """Adapters whose description and examples match QUERY (text embeddings + faiss)."""
+    cfg = _cfg(ctx)
+    hits = _existing(cfg, library).search(query, k=k or cfg.library.search.k)
+    _print([{"name": n, "score": s} for n, s in hits], True) if as_json else console.print(_hits_table(hits, query))
+
+
+@library_app.command("similar", context_settings=EXTRA)
+def library_similar(ctx: typer.Context, name: str, k: Annotated[Optional[int], typer.Option("-k")] = None,
+                    library: LibraryOpt = None, as_json: JsonOpt = False):
+    """Adapters closest to NAME in weight space (svd embeddings)."""
+    cfg = _cfg(ctx)
+    hits = _existing(cfg, library).similar(name, k=k or cfg.library.search.k)
+    _print([{"name": n, "score": s} for n, s in hits], True) if as_json else console.print(_hits_table(hits, name))
+
+
+@library_app.command("cluster", context_settings=EXTRA)
+def library_cluster(ctx: typer.Context, k: Annotated[Optional[int], typer.Option("-k")] = None,
+                    out: Annotated[Optional[Path], typer.Option(help="Write the clusters JSON here.")] = None,
+                    library: LibraryOpt = None):
+    """Group adapters by k-means over their svd similarity rows (MBC); prints JSON."""
+    cfg = _cfg(ctx)
+    c = cfg.library.cluster
+    result = _existing(cfg, library).cluster(k=k or c.k, seed=c.seed, niter=c.niter)
+    text = json.dumps(result, indent=2)
+    if out:
+        out.write_text(text + "\n")
+    print(text)
+
+
+def main() -> None:
+    from .library import QuiverError
+
+    try:
+        app()
+    except (QuiverError, ValueError, LookupError, FileNotFoundError, FileExistsError,
+            NotADirectoryError, ModuleNotFoundError) as e:
+        msg = e.args[0] if isinstance(e, LookupError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

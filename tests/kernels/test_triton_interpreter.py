@@ -1,0 +1,78 @@
+"""The Triton kernels on CPU, run by Triton's interpreter, against the reference.
+
+All cases go through one worker process started with ``TRITON_INTERPRET=1`` (the mode is
+fixed when triton decorates the kernels, so it must not be set in this process). The
+interpreter is slow: shapes stay small but still cross every block boundary of the kernels
+(segments longer than BLOCK_M = 64, d_out > BLOCK_N = 64, ranks above BLOCK_R = 32).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from quiver.kernels import LoraBank
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.interpreter
+
+# name -> (T, d_in, d_out, ranks of the bank's adapters, k)
+SHAPES = {
+    "rank1_k1": (17, 37, 19, [1, 1, 1], 1),
+    "mixed_ranks": (33, 45, 29, [1, 8, 17, 40, 64], 3),
+    "k8": (20, 32, 24, [4] * 6, 8),
+    "long_segment": (150, 16, 70, [8], 1),
+    "E64": (40, 24, 24, [2] * 64, 2),
+    "empty": (0, 37, 19, [4, 8], 2),
+    "one_token": (1, 37, 19, [16, 3], 4),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WORKER = Path(__file__).with_name("triton_interpret_worker.py")
+
+
+def _no_slots(case):
+    case.indices.fill_(-1)
+    return case
+
+
+def _nan_padding(case):
+    """Poison the rank padding of the bank: the kernels must never load it."""
+    A, B = case.bank.A.clone(), case.bank.B.clone()
+    for e, r in enumerate(case.bank.rank_list):
+        A[e, r:] = float("nan")
+        B[e, :, r:] = float("nan")
+    case.bank = LoraBank(A, B, case.bank.ranks)
+    return case
+
+
+VARIANTS = {"plain": lambda case: case, "no_slots": _no_slots, "nan_padding": _nan_padding}
+CASES = [(shape, dtype, "plain") for shape in SHAPES for dtype in DTYPES] + [
+    ("mixed_ranks", dtype, variant) for dtype in DTYPES for variant in ("no_slots", "nan_padding")]
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory, case_factory):
+    """(cases, deltas), every case run through the Triton backend in one interpreter process."""
+    cases = {"-".join(key): VARIANTS[key[2]](case_factory(*SHAPES[key[0]], dtype=DTYPES[key[1]]))
+             for key in CASES}
+    tmp = tmp_path_factory.mktemp("triton-interpret")
+    torch.save({name: dict(x=c.x, A=c.bank.A, B=c.bank.B, ranks=c.bank.ranks, indices=c.indices,
+                           weights=c.weights) for name, c in cases.items()}, tmp / "cases.pt")
+    proc = subprocess.run([sys.executable, str(WORKER), str(tmp / "cases.pt"), str(tmp / "deltas.pt")],
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode:
+        pytest.fail(f"interpreter worker failed:\n{proc.stderr[-4000:]}")
+    return cases, torch.load(tmp / "deltas.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("key", CASES, ids="-".join)
+def test_triton_matches_reference(key, interpreted, check):
+    cases, deltas = interpreted
+    name = "-".join(key)
+    check(deltas[name], cases[name])

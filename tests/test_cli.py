@@ -1,0 +1,91 @@
+"""The `quiver library` CLI end to end on the tiny model, and every YAML under conf/ composes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from typer.testing import CliRunner
+
+from quiver.cli import app
+from quiver.config import compose
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def test_every_config_file_composes():
+    groups = [p for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_")]
+    composed = 0
+    for group in groups:
+        for option in sorted(group.glob("*.yaml")):
+            cfg = compose([f"{group.name}={option.stem}"])
+            OmegaConf.resolve(cfg)
+            assert group.name in cfg
+            composed += 1
+    assert composed >= 2
+
+
+def test_override_reaches_the_config():
+    cfg = compose(["library.search.k=7", "library.embed.svd_dims=8"])
+    assert cfg.library.search.k == 7 and cfg.library.embed.svd_dims == 8
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def invoke(runner, *args):
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=True)
+    return result
+
+
+def test_library_cli_end_to_end(runner, tmp_path, tiny_model_dir, peft_adapter_dir):
+    lib = tmp_path / "lib"
+    r = invoke(runner, "library", "init", "--library", lib, f"model.name={tiny_model_dir}")
+    assert r.exit_code == 0, r.output
+    r = invoke(runner, "library", "add", peft_adapter_dir("a", seed=1), "--name", "sql", "--library", lib,
+               "--description", "Write SQL queries for questions about a database", "--tag", "db")
+    assert r.exit_code == 0 and "added sql" in r.output, r.output
+    invoke(runner, "library", "add", peft_adapter_dir("b", seed=2), "--name", "fr", "-L", lib,
+           "--description", "Translate English to French")
+    r = invoke(runner, "library", "list", "-L", lib, "--json")
+    assert [x["name"] for x in json.loads(r.stdout)] == ["fr", "sql"]
+    r = invoke(runner, "library", "search", "SELECT rows from the table", "-L", lib, "--json", "-k", "1")
+    assert json.loads(r.stdout)[0]["name"] == "sql"
+    r = invoke(runner, "library", "similar", "sql", "-L", lib, "--json")
+    assert [x["name"] for x in json.loads(r.stdout)] == ["fr"]
+    r = invoke(runner, "library", "rename", "fr", "french", "-L", lib)
+    assert r.exit_code == 0
+    r = invoke(runner, "library", "tag", "french", "lang", "-L", lib)
+    assert "['lang']" in r.output
+    r = invoke(runner, "library", "export", "french", tmp_path / "out", "-L", lib)
+    assert (tmp_path / "out" / "adapter_config.json").is_file()
+    r = invoke(runner, "library", "verify", "-L", lib, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["ok"] is True
+    r = invoke(runner, "library", "cluster", "-L", lib, "-k", "2")
+    assert sorted(sum(json.loads(r.stdout)["clusters"].values(), [])) == ["french", "sql"]
+    r = invoke(runner, "library", "remove", "sql", "-L", lib)
+    assert r.exit_code == 0
+    r = invoke(runner, "library", "show", "sql", "-L", lib)
+    assert r.exit_code != 0 and "no adapter named 'sql'" in str(r.exception)
+
+
+def test_cli_rejects_stray_arguments_and_missing_library(runner, tmp_path):
+    r = invoke(runner, "library", "list", "-L", tmp_path / "nope")
+    assert r.exit_code != 0 and "no library at" in str(r.exception)
+    assert not (tmp_path / "nope").exists()  # reading commands never create a library
+    r = invoke(runner, "library", "search", "q", "-L", tmp_path, "bogus")
+    assert r.exit_code == 2 and "unexpected argument(s) ['bogus']" in r.output
+
+
+def test_main_prints_a_clean_error(tmp_path, capsys, monkeypatch):
+    from quiver import cli
+
+    monkeypatch.setattr("sys.argv", ["quiver", "library", "list", "-L", str(tmp_path / "none")])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("error: no library at")
