@@ -54,11 +54,8 @@ def test_real_smollm2_load_fingerprint_and_register(tmp_path):
         assert rec.n_modules == 30 * 7 and rec.base_fingerprint == fp
         got = lib.get("smol")
         path = "model.layers.29.mlp.down_proj"
-        x = torch.randn(3, 1536)
-        layer = model.get_submodule(path)
-        with torch.no_grad():
-            y = layer(x) + x @ got.delta(path).T
-        assert torch.allclose(y - layer(x), x @ ad.delta(path).T, atol=1e-6)
+        assert got.delta(path).shape == model.get_submodule(path).weight.shape
+        assert torch.equal(got.delta(path), ad.delta(path))
         ids = tok(["The capital of France is"], return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=3, do_sample=False)
