@@ -210,6 +210,15 @@ def library_cluster(ctx: typer.Context, k: Annotated[Optional[int], typer.Option
     print(text)
 
 
+@app.command("demo")
+def demo(library: LibraryOpt = None,
+         prompt: Annotated[Optional[list[str]], typer.Option(help="A prompt; repeatable.")] = None):
+    """The main job on the real SmolLM2-135M: builds a demo library on first use and uses it."""
+    from .demo import run_demo
+
+    run_demo(library, prompt)
+
+
 def main() -> None:
     from .library import QuiverError
 

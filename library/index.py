@@ -26,7 +26,7 @@ class IndexConfig:
     exact_max: int = 20_000
     hnsw_m: int = 32
     ef_construction: int = 80
-    ef_search: int = 64
+    ef_search: int = 128
 
 
 class VectorIndex:
