@@ -1,1 +1,7 @@
-"""runtime."""
+"""Runtime: wrap a transformers model so each adapted linear routes through an adapter mixture."""
+
+from .bank import AdapterBank
+from .model import MixtureLinear, RoutedModel
+from .trace import Trace
+
+__all__ = ["AdapterBank", "MixtureLinear", "RoutedModel", "Trace"]

@@ -1,0 +1,119 @@
+"""Arrow: zero-shot, per-token, per-module routing by adapter prototypes (Ostapenko et al. 2024).
+
+For module m with input token x ∈ R^{d_in} and prototypes v_e (the top right singular vector of
+adapter e's ΔW at m, see quiver.library.embeddings):
+
+    logit_e = |x · v_e| / T,     S = top-k_e(logit),     w_e = softmax_{e ∈ S}(logit_e)
+
+(sign-agnostic, since singular vectors have no sign). Modes:
+- ``merge-after`` (default; PEFT's semantics): y += Σ_e w_e · ΔW_e x — mix the adapters' outputs.
+- ``merge-before`` (mttl's semantics): y += (Σ_e w_e B_e)(Σ_e w_e A_e) x — mix the factors per
+  token, then apply one LoRA; needs equal ranks among the mixed adapters.
+
+GenKnowSub (``general=[...]``, as PEFT offers it): before anything else, the mean of the general
+adapters' A and of their B (factor-wise, as PEFT does; equal ranks needed) is subtracted from
+each task adapter's A and B; prototypes are computed from the result.
+
+An adapter that has no factors at a module is never selected there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from quiver.library import LoraAdapter, LoraModule
+from quiver.library import embeddings as emb
+
+from .base import AdapterSource, Router, RoutingDecision, RoutingSite
+
+MODES = ("merge-after", "merge-before")
+
+
+class Arrow(Router):
+    def __init__(self, top_k: int = 2, temperature: float = 1.0, adapters: list[str] | None = None,
+                 mode: str = "merge-after", general: list[str] | None = None):
+        super().__init__(adapters)
+        if top_k < 1:
+            raise ValueError(f"Arrow: top_k must be >= 1, got {top_k}")
+        if temperature <= 0:
+            raise ValueError(f"Arrow: temperature must be > 0, got {temperature}")
+        if mode not in MODES:
+            raise ValueError(f"Arrow: mode must be one of {MODES}, got {mode!r}")
+        self.top_k, self.temperature, self.mode = top_k, temperature, mode
+        self.general = list(general or [])
+        self._protos: dict[str, Tensor] = {}  # module path -> [E, d_in]; zero rows where absent
+        self._present: dict[str, Tensor] = {}  # module path -> bool [E]
+        self._on_device: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def bind(self, library, universe: list[str]) -> list[AdapterSource]:
+        if self.adapters is None:
+            self.adapters = [n for n in universe if n not in self.general]
+        sources = super().bind(library, universe)
+        if self.general:
+            mean = _mean_factors([library.get(n) for n in self.general])
+            sources = [AdapterSource(f"{n}#gks[{','.join(self.general)}]", _gks_loader(library, n, mean))
+                       for n in self.adapters]
+            protos = [_prototypes(s.load()) for s in sources]
+        else:
+            protos = [library.arrow_prototypes(n) for n in self.adapters]
+        self.sources = sources
+        self._build(protos)
+        return sources
+
+    def _build(self, protos: list[dict[str, tuple[Tensor, float]]]) -> None:
+        modules = sorted(set().union(*protos))
+        for path in modules:
+            d_in = next(p[path][0].numel() for p in protos if path in p)
+            P = torch.zeros(len(protos), d_in)
+            for e, p in enumerate(protos):
+                if path in p:
+                    P[e] = p[path][0]
+            self._protos[path] = P
+            self._present[path] = torch.tensor([path in p for p in protos])
+        self._on_device.clear()
+
+    def route(self, x: Tensor, site: RoutingSite) -> RoutingDecision:  # x: [T, d_in]
+        key = (site.module, x.device, x.dtype)
+        if key not in self._on_device:
+            self._on_device[key] = (self._protos[site.module].to(x.device, x.dtype),
+                                    self._present[site.module].to(x.device))
+        P, present = self._on_device[key]  # P: [E, d_in], present: [E]
+        logits = (x @ P.T).abs() / self.temperature  # [T, E]
+        logits = logits.masked_fill(~present, float("-inf"))
+        k = min(self.top_k, P.shape[0])
+        top, idx = logits.topk(k, dim=-1)  # [T, k]
+        valid = torch.isfinite(top)
+        w = torch.softmax(top.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
+        return RoutingDecision(idx.masked_fill(~valid, -1), w)
+
+
+def _prototypes(adapter: LoraAdapter) -> dict[str, tuple[Tensor, float]]:
+    return {p: emb.arrow_prototype(m.A, m.B, adapter.scaling(p)) for p, m in adapter.modules.items()}
+
+
+def _mean_factors(adapters: list[LoraAdapter]) -> dict[str, tuple[Tensor, Tensor]]:
+    out = {}
+    for path in adapters[0].modules:
+        mods = [a.modules[path] for a in adapters if path in a.modules]
+        if len({m.rank for m in mods}) != 1:
+            raise ValueError(f"GenKnowSub needs general adapters of one rank at {path}")
+        out[path] = (torch.stack([m.A.float() for m in mods]).mean(0), torch.stack([m.B.float() for m in mods]).mean(0))
+    return out
+
+
+def _gks_loader(library, name: str, mean: dict[str, tuple[Tensor, Tensor]]):
+    def load() -> LoraAdapter:
+        ad = library.get(name)
+        modules = {}
+        for path, m in ad.modules.items():
+            if path in mean:
+                a_bar, b_bar = mean[path]
+                if a_bar.shape != m.A.shape:
+                    raise ValueError(f"GenKnowSub: {name} has rank {m.rank} at {path}, the general "
+                                     f"adapters rank {a_bar.shape[0]}")
+                m = LoraModule(A=(m.A.float() - a_bar).to(m.A.dtype), B=(m.B.float() - b_bar).to(m.B.dtype), alpha=m.alpha)
+            modules[path] = m
+        return LoraAdapter(name=f"{name}-gks", base_model=ad.base_model, modules=modules,
+                           use_rslora=ad.use_rslora, rank=ad.rank, alpha=ad.alpha)
+    return load

@@ -1,0 +1,122 @@
+"""AdapterBank: the active adapters' factors for every adapted module, on the model's device.
+
+Index legend: C = slots (capacity), R = largest rank held, E = slots in use.
+
+An adapter occupies one *slot* across all modules (slot s of module m's bank is that adapter's
+factors at m, rank 0 where it does not adapt m). Per module the storage is ``A: [C, R, d_in]``
+and ``B: [C, d_out, R]`` with the adapter's scaling folded into B, as the kernels expect.
+Adapters are loaded on demand (by key, from an :class:`AdapterSource`); with a ``capacity`` the
+least recently used adapter not needed by the current call is evicted when the bank is full.
+Without one the bank grows (doubling its slots) as adapters arrive.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from quiver.kernels import LoraBank
+from quiver.routing import AdapterSource
+
+
+class AdapterBank:
+    def __init__(self, modules: dict[str, tuple[int, int]], *, capacity: int | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        if capacity is not None and capacity < 1:
+            raise ValueError(f"bank capacity must be >= 1, got {capacity}")
+        self.shapes = dict(modules)  # path -> (d_out, d_in)
+        self.capacity, self.device, self.dtype = capacity, torch.device(device), dtype
+        self._slot_of: OrderedDict[str, int] = OrderedDict()  # key -> slot, least recent first
+        self._free: list[int] = []
+        self._slots = 0  # C
+        self._rank = 0  # R
+        self._A: dict[str, Tensor] = {}
+        self._B: dict[str, Tensor] = {}
+        self._ranks: dict[str, Tensor] = {}
+        self.banks: dict[str, LoraBank] = {}
+        self.loads = 0  # adapters loaded so far (evictions make this exceed the slot count)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._slot_of
+
+    @property
+    def keys(self) -> list[str | None]:
+        """Slot -> key (None for a free slot)."""
+        out: list[str | None] = [None] * self._slots
+        for key, slot in self._slot_of.items():
+            out[slot] = key
+        return out
+
+    def ensure(self, sources: Sequence[AdapterSource]) -> Tensor:
+        """Load whatever is missing; returns int64 ``[len(sources)]`` slots on the device."""
+        needed = {s.key for s in sources}
+        if self.capacity is not None and len(needed) > self.capacity:
+            raise RuntimeError(f"bank capacity {self.capacity} is smaller than the {len(needed)} "
+                               "adapters one call needs; raise `capacity`")
+        for s in sources:
+            if s.key in self._slot_of:
+                self._slot_of.move_to_end(s.key)
+            else:
+                self._load(s, needed)
+        return torch.tensor([self._slot_of[s.key] for s in sources], dtype=torch.int64, device=self.device)
+
+    def _load(self, source: AdapterSource, pinned: set[str]) -> None:
+        adapter = source.load()
+        extra = sorted(set(adapter.modules) - set(self.shapes))
+        if extra:
+            raise ValueError(f"adapter {source.key!r} adapts modules this model was not wrapped for "
+                             f"(e.g. {extra[:3]}); include it in the RoutedModel's adapters")
+        rank = max(m.rank for m in adapter.modules.values())
+        slot = self._take_slot(pinned)
+        if rank > self._rank:
+            self._resize(self._slots, rank)
+        for path in self.shapes:
+            m = adapter.modules.get(path)
+            if m is None:
+                self._ranks[path][slot] = 0
+                continue
+            r = m.rank
+            self._A[path][slot, :r] = m.A.to(self.device, self.dtype)
+            self._B[path][slot, :, :r] = (m.B.to(self.device, torch.float32) * adapter.scaling(path)).to(self.dtype)
+            self._ranks[path][slot] = r
+        self._slot_of[source.key] = slot
+        self.loads += 1
+        self._rebuild()
+
+    def _take_slot(self, pinned: set[str]) -> int:
+        if self._free:
+            return self._free.pop()
+        if self.capacity is None or self._slots < self.capacity:
+            new = max(1, self._slots * 2) if self.capacity is None else min(self.capacity, max(1, self._slots * 2))
+            first = self._slots
+            self._resize(new, max(self._rank, 1))
+            self._free = list(range(new - 1, first, -1))
+            return first
+        for key in self._slot_of:  # least recently used first
+            if key not in pinned:
+                return self._slot_of.pop(key)
+        raise RuntimeError("every slot holds an adapter this call needs")
+
+    def _resize(self, slots: int, rank: int) -> None:
+        """Grow storage to ``slots`` × ``rank``, keeping what is stored."""
+        for path, (d_out, d_in) in self.shapes.items():
+            A = torch.zeros(slots, rank, d_in, device=self.device, dtype=self.dtype)
+            B = torch.zeros(slots, d_out, rank, device=self.device, dtype=self.dtype)
+            ranks = torch.zeros(slots, dtype=torch.int32, device=self.device)
+            if self._slots:
+                A[: self._slots, : self._rank] = self._A[path]
+                B[: self._slots, :, : self._rank] = self._B[path]
+                ranks[: self._slots] = self._ranks[path]
+            self._A[path], self._B[path], self._ranks[path] = A, B, ranks
+        self._slots, self._rank = slots, rank
+
+    def _rebuild(self) -> None:
+        # New LoraBank views over the same storage (their cached host-side rank lists are
+        # per object, so a fresh object sees the new ranks).
+        self.banks = {p: LoraBank(self._A[p], self._B[p], self._ranks[p].clone()) for p in self.shapes}
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self._A, self._B) for t in d.values())
