@@ -210,6 +210,67 @@ def library_cluster(ctx: typer.Context, k: Annotated[Optional[int], typer.Option
     print(text)
 
 
+def _read_prompts(prompt: list[str] | None, file: Path | None) -> list[str]:
+    prompts = list(prompt or [])
+    if file is not None:
+        for n, line in enumerate(file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file}:{n}: not JSON ({e})") from None
+            text = item.get("prompt") if isinstance(item, dict) else item
+            if not isinstance(text, str):
+                raise ValueError(f"{file}:{n}: expected a string or an object with a \"prompt\" string")
+            prompts.append(text)
+    if not prompts:
+        raise ValueError("give at least one --prompt or a --file of prompts")
+    return prompts
+
+
+@app.command("generate", context_settings=EXTRA)
+def generate(
+    ctx: typer.Context,
+    prompt: Annotated[Optional[list[str]], typer.Option(help="A prompt; repeatable.")] = None,
+    file: Annotated[Optional[Path], typer.Option(help="JSONL: one string or {\"prompt\": ...} per line.")] = None,
+    trace: Annotated[Optional[Path], typer.Option(help="Write routing heatmap PNG(s) and JSON here.")] = None,
+    library: LibraryOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Answer prompts with the base model + library, every token routed (router=arrow by default).
+
+    Router overrides: router=arrow router.top_k=2 | router=single router.adapter=sql |
+    router=uniform | router=fixed '+router.weights={a: 0.5, b: 0.5}'.
+    """
+    import torch
+    from hydra.utils import instantiate
+
+    from .library import load_base_model
+    from .runtime import RoutedModel, answer
+
+    cfg = _cfg(ctx)
+    prompts = _read_prompts(prompt, file)
+    lib = _existing(cfg, library)
+    model, tok = load_base_model(cfg.model.name, cache_dir=cfg.model.cache_dir,
+                                 dtype=getattr(torch, cfg.model.dtype), device=cfg.model.device)
+    g = cfg.generate
+    rm = RoutedModel(model, lib, router=instantiate(cfg.router), capacity=g.capacity, backend=g.backend)
+    sampling = dict(temperature=g.temperature, top_p=g.top_p) if g.do_sample else {}
+    answers, tr = answer(rm, tok, prompts, max_new_tokens=g.max_new_tokens, do_sample=g.do_sample,
+                         chat_template=g.chat_template, **sampling)
+    if trace is not None:
+        for i in range(len(prompts)):
+            png = trace if len(prompts) == 1 else trace.with_name(f"{trace.stem}-{i}{trace.suffix or '.png'}")
+            tr.heatmap(png, row=i, tokens=answers[i].tokens)
+            tr.to_json(png.with_suffix(".json"), row=i)
+    if as_json:
+        return _print([{"prompt": a.prompt, "answer": a.text, "adapters": a.adapter_share} for a in answers], True)
+    for a in answers:
+        tops = ", ".join(f"{n} {w:.0%}" for n, w in a.top_adapters())
+        console.print(f"[bold]> {a.prompt}[/bold]\n{a.text}\n[dim]adapters: {tops}[/dim]\n")
+
+
 @app.command("demo")
 def demo(library: LibraryOpt = None,
          prompt: Annotated[Optional[list[str]], typer.Option(help="A prompt; repeatable.")] = None):

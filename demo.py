@@ -3,7 +3,8 @@
 ``quiver demo`` loads SmolLM2-135M-Instruct (converting the packaged GGUF once), creates a
 small demo library next to the cache if it does not exist — adapters written as PEFT
 directories and imported through the same path a user's adapters take — computes their
-embeddings, and shows the library at work: search by prompt and weight-space neighbours.
+embeddings, then answers prompts with every token routed by Arrow through the library and
+prints, per prompt, the answer and the adapters that carried most of its tokens.
 
 The demo adapters are seeded random LoRAs with descriptive metadata: they exercise the
 machinery on the real model's shapes; trained task adapters replace them once the task
@@ -39,18 +40,25 @@ def build_demo_library(path: Path, spec: BaseModelSpec) -> Library:
     return lib
 
 
-def run_demo(library: Path | None = None, prompts: list[str] | None = None) -> None:
+def run_demo(library: Path | None = None, prompts: list[str] | None = None, top_k: int = 2,
+             max_new_tokens: int = 40) -> None:
     from rich.console import Console
-    from rich.table import Table
+
+    from .routing import Arrow
+    from .runtime import RoutedModel, answer
 
     console = Console()
-    model, _ = load_base_model("smollm2-135m")
+    model, tok = load_base_model("smollm2-135m")
     spec = BaseModelSpec.from_model(model)
     path = library or default_cache_dir() / "demo-library"
     lib = build_demo_library(path, spec)
-    console.print(f"library {path}: {len(lib)} adapters for {spec.id} (fingerprint {spec.fingerprint[:12]})")
-    table = Table("prompt", "best adapter", "score", "runner-up")
-    for prompt in prompts or [d[1][0] for d in DEMO_ADAPTERS.values()]:
-        hits = lib.search(prompt, k=2)
-        table.add_row(prompt, hits[0][0], f"{hits[0][1]:.3f}", f"{hits[1][0]} ({hits[1][1]:.3f})")
-    console.print(table)
+    console.print(f"library {path}: {len(lib)} adapters for {spec.id} "
+                  f"(fingerprint {spec.fingerprint[:12]}); routing: Arrow top-{top_k} per token")
+    rm = RoutedModel(model, lib, router=Arrow(top_k=top_k))
+    prompts = prompts or [d[1][0] for d in DEMO_ADAPTERS.values()]
+    answers, _ = answer(rm, tok, prompts, max_new_tokens=max_new_tokens)
+    for a in answers:
+        tops = ", ".join(f"{n} {w:.0%}" for n, w in a.top_adapters())
+        best = lib.search(a.prompt, k=1)[0]
+        console.print(f"[bold]> {a.prompt}[/bold]\n{a.text}\n"
+                      f"[dim]adapters carrying its tokens: {tops}; best description match: {best[0]}[/dim]\n")

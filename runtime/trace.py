@@ -45,8 +45,8 @@ class Trace:
     def to_json(self, path: str | Path, row: int = 0) -> None:
         Path(path).write_text(json.dumps({"request": row, "modules": self.per_token(row)}, indent=1))
 
-    def top_adapters(self, row: int = 0) -> tuple[list[str], torch.Tensor]:
-        """Adapter names and ``[tokens, layers]`` index of each token's top adapter per layer."""
+    def top_adapters(self, row: int = 0) -> tuple[list[str], list[int], torch.Tensor]:
+        """Adapter names, layer numbers, and ``[tokens, layers]`` index of each token's top adapter."""
         per = self.per_token(row)
         layers = sorted({int(m.group(1)) for m in map(_LAYER.search, per) if m})
         n_tok = max(len(v) for v in per.values())
@@ -60,7 +60,7 @@ class Trace:
             for t, pairs in enumerate(toks):
                 for a, w in pairs:
                     score[t, li, names.index(a)] += w
-        return names, score.argmax(-1)
+        return names, layers, score.argmax(-1)
 
     def adapter_share(self, row: int = 0) -> dict[str, float]:
         """Fraction of the routing weight each adapter carried for request ``row``."""
@@ -79,13 +79,15 @@ class Trace:
         import matplotlib.pyplot as plt
         from matplotlib.colors import ListedColormap
 
-        names, top = self.top_adapters(row)
+        names, layers, top = self.top_adapters(row)
         cmap = ListedColormap(plt.get_cmap("tab20").colors[: max(1, len(names))])
         fig, ax = plt.subplots(figsize=(max(6, 0.25 * top.shape[0] + 2), max(3, 0.22 * top.shape[1] + 1.5)))
         im = ax.imshow(top.T.numpy(), aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(names) - 0.5,
                        interpolation="nearest", origin="lower")
         ax.set_xlabel("token")
         ax.set_ylabel("layer")
+        step = max(1, len(layers) // 15)
+        ax.set_yticks(range(0, len(layers), step), [str(n) for n in layers[::step]])
         if tokens is not None and len(tokens) == top.shape[0]:
             ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7)
         cbar = fig.colorbar(im, ax=ax, ticks=range(len(names)))

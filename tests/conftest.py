@@ -38,11 +38,30 @@ def tiny_spec(tiny_model):
     return BaseModelSpec.from_model(tiny_model, "tiny-llama")
 
 
+def make_tiny_tokenizer():
+    """A 128-token character-level BPE tokenizer (trained here, no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.decoder = decoders.Metaspace()
+    alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789 .,?!:+-=")
+    trainer = trainers.BpeTrainer(vocab_size=128, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=alphabet, show_progress=False)
+    corpus = ["translate this sentence into french please", "what is two plus two? four.",
+              "write a query that selects all users", "convert the date to iso format"] * 20
+    tk.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>", padding_side="left")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_model):
-    """The tiny Llama saved as a Hugging Face directory."""
+    """The tiny Llama and a tiny tokenizer saved as a Hugging Face directory."""
     path = tmp_path_factory.mktemp("tiny-llama")
     tiny_model.save_pretrained(path)
+    make_tiny_tokenizer().save_pretrained(path)
     return path
 
 

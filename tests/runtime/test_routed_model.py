@@ -160,8 +160,8 @@ def test_trace_json_and_heatmap(tiny_model, lib6, tmp_path):
     tr.to_json(tmp_path / "t.json")
     data = json.loads((tmp_path / "t.json").read_text())
     assert set(data["modules"]) == set(per)
-    names, top = tr.top_adapters()
-    assert top.shape == (9, 2) and set(names) <= {f"a{i}" for i in range(6)}
+    names, layers, top = tr.top_adapters()
+    assert top.shape == (9, 2) and layers == [0, 1] and set(names) <= {f"a{i}" for i in range(6)}
     tr.heatmap(tmp_path / "t.png")
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert abs(sum(tr.adapter_share().values()) - 1) < 1e-6
