@@ -271,6 +271,19 @@ def generate(
         console.print(f"[bold]> {a.prompt}[/bold]\n{a.text}\n[dim]adapters: {tops}[/dim]\n")
 
 
+BENCHMARKS = ("library", "runtime", "kernels", "merging")
+
+
+@app.command("bench", context_settings=EXTRA)
+def bench(ctx: typer.Context, name: Annotated[str, typer.Argument(help=f"One of: {', '.join(BENCHMARKS)}.")]):
+    """Run a benchmark (bench/NAME.py); further arguments go to it (see `quiver bench NAME --help`)."""
+    import importlib
+
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")
+    importlib.import_module(f"quiver.bench.{name}").main(ctx.args)
+
+
 @app.command("demo")
 def demo(library: LibraryOpt = None,
          prompt: Annotated[Optional[list[str]], typer.Option(help="A prompt; repeatable.")] = None):

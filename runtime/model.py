@@ -192,12 +192,17 @@ class RoutedModel(nn.Module):
         bank = AdapterBank({p: _shape(model, p) for p in targets}, capacity=capacity,
                            device=first.device, dtype=first.dtype)
         self._rt = _Runtime(library, bank, universe, backend)
-        for path in targets:
-            parent, _, leaf = path.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, MixtureLinear(model.get_submodule(path), path, self._rt))
+        self._layers = [MixtureLinear(model.get_submodule(p), p, self._rt) for p in targets]
         self._rt.bind(self.router)
         self._routers: Sequence[Router | None] | None = None
-        self._hook = model.register_forward_pre_hook(self._start_step, with_kwargs=True)
+        self._hook = None
+        self._wrap()
+
+    def _wrap(self) -> None:
+        for layer in self._layers:
+            parent, _, leaf = layer.path.rpartition(".")
+            setattr(self.model.get_submodule(parent), leaf, layer)
+        self._hook = self.model.register_forward_pre_hook(self._start_step, with_kwargs=True)
 
     @property
     def bank(self) -> AdapterBank:
@@ -260,12 +265,22 @@ class RoutedModel(nn.Module):
 
     def unwrap(self) -> nn.Module:
         """Put the original linears back and return the bare model."""
-        for name, mod in list(self.model.named_modules()):
-            if isinstance(mod, MixtureLinear):
-                parent, _, leaf = name.rpartition(".")
-                setattr(self.model.get_submodule(parent), leaf, mod.base)
-        self._hook.remove()
+        for layer in self._layers:
+            parent, _, leaf = layer.path.rpartition(".")
+            setattr(self.model.get_submodule(parent), leaf, layer.base)
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         return self.model
+
+    @contextlib.contextmanager
+    def bare(self):
+        """Temporarily the unmodified base model (for comparisons): ``with rm.bare() as m:``."""
+        model = self.unwrap()
+        try:
+            yield model
+        finally:
+            self._wrap()
 
 
 def _target_paths(model: nn.Module, library: Library, universe: list[str]) -> list[str]:

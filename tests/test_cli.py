@@ -89,3 +89,24 @@ def test_main_prints_a_clean_error(tmp_path, capsys, monkeypatch):
         cli.main()
     assert e.value.code == 2
     assert capsys.readouterr().err.startswith("error: no library at")
+
+
+def test_generate_cli_with_router_overrides_and_trace(runner, tmp_path, tiny_model_dir, peft_adapter_dir):
+    lib = tmp_path / "lib"
+    assert invoke(runner, "library", "init", "-L", lib, f"model.name={tiny_model_dir}").exit_code == 0
+    for i, name in enumerate(["sql", "fr", "dates"]):
+        invoke(runner, "library", "add", peft_adapter_dir(name, seed=i), "--name", name, "-L", lib)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "what is two plus two"}\n"convert the date"\n')
+    common = ["-L", lib, f"model.name={tiny_model_dir}", "generate.chat_template=false", "generate.max_new_tokens=4"]
+    r = invoke(runner, "generate", "--file", prompts, "--trace", tmp_path / "tr.png", "--json", *common,
+               "router=arrow", "router.top_k=2")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert [o["prompt"] for o in out] == ["what is two plus two", "convert the date"]
+    assert all(abs(sum(o["adapters"].values()) - 1) < 1e-6 and len(o["adapters"]) >= 2 for o in out)
+    assert (tmp_path / "tr-0.png").is_file() and (tmp_path / "tr-1.json").is_file()
+    r = invoke(runner, "generate", "--prompt", "hi", "--json", *common, "router=single", "router.adapter=fr")
+    assert json.loads(r.stdout)[0]["adapters"] == {"fr": 1.0}
+    r = invoke(runner, "generate", "--json", *common)
+    assert r.exit_code != 0 and "give at least one --prompt" in str(r.exception)

@@ -14,6 +14,7 @@ SHAPES = {
     "mixed_ranks": (65, 577, 37, [1, 2, 7, 8, 16, 33, 64], 3),
     "k8": (129, 64, 48, [8] * 16, 8),
     "one_adapter": (50, 37, 37, [5], 2),
+    "one_adapter_many_blocks": (1500, 37, 19, [3], 2),  # one segment across several BLOCK_ROWS blocks
     "E1024": (300, 64, 32, [4] * 1024, 2),
     "empty": (0, 37, 19, [4, 8], 2),
     "one_token": (1, 577, 37, [16, 3], 4),

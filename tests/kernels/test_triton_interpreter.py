@@ -66,6 +66,9 @@ def interpreted(tmp_path_factory, case_factory):
     proc = subprocess.run([sys.executable, str(WORKER), str(tmp / "cases.pt"), str(tmp / "deltas.pt")],
                           env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
                           timeout=600)
+    if proc.returncode == 3:  # the worker's UNUSABLE: a known interpreter bug, not ours
+        reason = proc.stderr.strip().splitlines()[-1]
+        pytest.skip(f"{reason} (triton-lang/triton#9171: upgrade triton or use numpy < 2.4)")
     if proc.returncode:
         pytest.fail(f"interpreter worker failed:\n{proc.stderr[-4000:]}")
     return cases, torch.load(tmp / "deltas.pt", weights_only=True)

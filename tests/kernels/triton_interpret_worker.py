@@ -6,20 +6,46 @@ kernels are decorated, never leaks into the test process. Usage::
     TRITON_INTERPRET=1 python triton_interpret_worker.py CASES.pt DELTAS.pt
 
 CASES.pt maps a name to tensors ``x, A, B, ranks, indices, weights``; DELTAS.pt maps the same
-names to ``mixture_lora(..., backend="triton")``.
+names to ``mixture_lora(..., backend="triton")``. Exits with ``UNUSABLE`` when this triton's
+interpreter cannot run a loop bounded by a kernel argument (triton-lang/triton#9171: before
+the fix, numpy >= 2.4 refuses its ``int(array)``), so the tests can skip with that reason.
 """
 
 import os
 import sys
 
 import torch
+import triton
+import triton.language as tl
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before starting this worker"
 
 from quiver.kernels import LoraBank, mixture_lora  # noqa: E402  (after the interpreter check)
 
+UNUSABLE = 3
+
+
+@triton.jit
+def _count_to(out_ptr, n):
+    total = 0
+    for _ in range(0, n):
+        total += 1
+    tl.store(out_ptr, total)
+
+
+def interpreter_usable() -> bool:
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _count_to[(1,)](out, 3)
+    except triton.runtime.errors.InterpreterError as err:
+        print(f"triton {triton.__version__} interpreter cannot bound loops by arguments: {err}", file=sys.stderr)
+        return False
+    return out.item() == 3
+
 
 def main(src: str, dst: str) -> None:
+    if not interpreter_usable():
+        sys.exit(UNUSABLE)
     cases = torch.load(src, weights_only=True)
     deltas = {name: mixture_lora(c["x"], LoraBank(c["A"], c["B"], c["ranks"]), c["indices"], c["weights"],
                                  backend="triton")

@@ -1,0 +1,154 @@
+"""Routed inference cost on the real SmolLM2-135M (fp32), as ratios to the bare base model.
+
+    python -m quiver.bench.runtime                      # E = 4, 16, 64, 256 and PEFT at 4, 16
+    python -m quiver.bench.runtime --experts 4 16 --reps 3 --device cuda
+
+Adapters: seeded random rank-8 LoRAs on all 7 projections of all 30 layers, in a library kept
+at $QUIVER_CACHE/bench-library (built once). Router: Arrow, k=2, merge-after. Each cell is the
+median over ``--reps`` runs; base and routed runs alternate inside one process (``rm.bare()``),
+so the ratios compare like with like on a noisy machine.
+
+- prefill: one forward over 8 × 128 tokens;
+- decode: one step of batch 1 and of batch 16 with a KV cache after a 32-token prompt;
+- PEFT: ``peft.create_arrow_model`` on the same adapters (exported as PEFT directories).
+Targets: prefill <= 1.25x base at E=16 and <= 1.35x at E=256; decode (batch 1) <= 1.5x;
+>= 4x faster than PEFT's Arrow at E=16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from quiver.library import BaseModelSpec, Library, load_base_model
+from quiver.library.base_model import default_cache_dir
+from quiver.library.synthetic import random_adapter
+from quiver.routing import Arrow
+from quiver.runtime import RoutedModel
+
+
+def bench_library(spec: BaseModelSpec, n: int) -> Library:
+    lib = Library.open(default_cache_dir() / "bench-library", base_model=spec)
+    for i in range(len(lib), n):
+        lib.add(random_adapter(spec, f"e{i:04d}", rank=8, seed=i))
+    lib.embed(kinds=("arrow",), progress=True)
+    return lib
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def time_prefill(model, ids) -> float:
+    _sync(ids.device)
+    t = time.perf_counter()
+    model(ids, use_cache=False)
+    _sync(ids.device)
+    return time.perf_counter() - t
+
+
+@torch.no_grad()
+def time_decode(model, ids, steps: int) -> float:
+    """Seconds per decoding step after a prefill of ``ids``."""
+    out = model(ids, use_cache=True)
+    pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    _sync(ids.device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        out = model(nxt, past_key_values=pkv, use_cache=True)
+        pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    _sync(ids.device)
+    return (time.perf_counter() - t) / steps
+
+
+def measure(run_base, run_other, reps: int) -> tuple[float, float]:
+    """Median seconds of base and other, alternating, after one warm-up each."""
+    run_base(), run_other()
+    b, o = [], []
+    for _ in range(reps):
+        b.append(run_base())
+        o.append(run_other())
+    return statistics.median(b), statistics.median(o)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64, 256])
+    ap.add_argument("--peft", type=int, nargs="*", default=[4, 16], help="E values to run PEFT's Arrow at")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=16, help="decode steps per timing")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backend", default="auto")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    model, _ = load_base_model("smollm2-135m", device=device, tokenizer=False)
+    spec = BaseModelSpec.from_model(model)
+    lib = bench_library(spec, max(args.experts + args.peft))
+    names = lib.names()
+    g = torch.Generator().manual_seed(0)
+    prefill_ids = torch.randint(0, 49152, (8, 128), generator=g).to(device)
+    prompt1 = torch.randint(0, 49152, (1, 32), generator=g).to(device)
+    prompt16 = torch.randint(0, 49152, (16, 32), generator=g).to(device)
+    print(f"SmolLM2-135M fp32 on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"Arrow k=2, rank-8 adapters on 7 projections x 30 layers; median of {args.reps}\n")
+    rows = []
+
+    def cells(label, run):  # run(fn) -> the model in the right state
+        with_base = {}
+        for key, fn in (("prefill 8x128", lambda m: time_prefill(m, prefill_ids)),
+                        ("decode b=1", lambda m: time_decode(m, prompt1, args.steps)),
+                        ("decode b=16", lambda m: time_decode(m, prompt16, args.steps))):
+            with_base[key] = run(fn)
+        rows.append((label, with_base))
+
+    for E in args.experts:
+        rm = RoutedModel(model, lib, router=Arrow(top_k=2), adapters=names[:E], backend=args.backend)
+
+        def run(fn, rm=rm):
+            def base():
+                with rm.bare() as m:
+                    return fn(m)
+            return measure(base, lambda: fn(rm.model), args.reps)
+
+        cells(f"Quiver Arrow E={E} (bank {rm.bank.memory_bytes() / 2**20:.0f} MiB)", run)
+        rm.unwrap()
+    for E in args.peft:
+        from peft import ArrowConfig, create_arrow_model
+
+        with tempfile.TemporaryDirectory() as d:
+            paths = [str(lib.export_peft(n, Path(d) / n)) for n in names[:E]]
+            peft_model = create_arrow_model(copy.deepcopy(model), paths, ArrowConfig(top_k=2, router_temperature=1.0))
+            peft_model.eval()
+            cells(f"PEFT create_arrow_model E={E}", lambda fn: measure(lambda: fn(model), lambda: fn(peft_model), args.reps))
+            del peft_model
+
+    keys = ["prefill 8x128", "decode b=1", "decode b=16"]
+    print("| configuration | " + " | ".join(f"{k} (x base)" for k in keys) + " |")
+    print("|---|" + "---|" * len(keys))
+    for label, cells_ in rows:
+        print(f"| {label} | " + " | ".join(f"{o / b:.2f}x ({o * 1e3:.0f} ms)" for b, o in (cells_[k] for k in keys)) + " |")
+    base_cells = rows[0][1]
+    print("| bare base model | " + " | ".join(f"1.00x ({base_cells[k][0] * 1e3:.0f} ms)" for k in keys) + " |")
+    quiver16 = next((c for lbl, c in rows if lbl.startswith("Quiver Arrow E=16 ")), None)
+    peft16 = next((c for lbl, c in rows if lbl.startswith("PEFT create_arrow_model E=16")), None)
+    if quiver16 and peft16:
+        print("\nQuiver vs PEFT Arrow at E=16 (target >= 4x): " + ", ".join(
+            f"{k} {peft16[k][1] / quiver16[k][1]:.1f}x" for k in keys))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    print(f"peak RSS of this process: {peak:.0f} MiB (base model fp32: "
+          f"{sum(p.numel() * 4 for p in model.parameters()) / 2**20:.0f} MiB)")
+    if device.type == "cuda":
+        print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
