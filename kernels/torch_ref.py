@@ -1,0 +1,96 @@
+"""PyTorch backends of the mixture-of-LoRAs delta: the readable oracle and the grouped CPU path.
+
+Index legend: T = tokens, k = slots per token, E = adapters, R = max rank, r_e = rank of
+adapter e, N = routed (token, slot) pairs, G = active adapters.
+
+Semantics (both backends)::
+
+    delta[t] = Σ_j weights[t, j] · B_e[:, :r_e] @ (A_e[:r_e] @ x[t]),   e = indices[t, j] >= 0
+
+Slots with index -1 contribute nothing; the scaling is already folded into B.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .bank import LoraBank
+from .meta import MixtureMeta
+
+BLOCK_ROWS = 512  # routed rows per block of the grouped path (float32 buffers: 1.1 + 3 MiB for 576 -> 1536)
+
+
+def mixture_lora_reference(x: Tensor, bank: LoraBank, indices: Tensor, weights: Tensor) -> Tensor:
+    """The oracle: gather every slot's factors, shrink, scale by the gate, expand, sum over k.
+
+    Computes in x's dtype, exactly as written (so in bf16 it *is* torch's own low-precision
+    answer, against which tests measure the other backends). Memory O(T·k·R·(d_in + d_out)):
+    for tests, not for serving.
+    """
+    # x: [T, d_in], indices / weights: [T, k]
+    real = torch.arange(bank.max_rank, device=x.device) < bank.ranks[:, None]  # [E, R]
+    A = torch.where(real[:, :, None], bank.A, 0)  # [E, R, d_in], padding rows zeroed
+    B = torch.where(real[:, None, :], bank.B, 0)  # [E, d_out, R], padding columns zeroed
+    routed = indices >= 0  # [T, k]
+    slot = indices.clamp(min=0).long()  # [T, k]
+    w = torch.where(routed, weights, 0).to(x.dtype)  # [T, k]
+    h = torch.einsum("tkrd,td->tkr", A[slot], x)  # [T, k, R]   shrink
+    h = h * w[:, :, None]  # [T, k, R]   gate
+    return torch.einsum("tkor,tkr->to", B[slot], h)  # [T, d_out]  expand + sum over slots
+
+
+def mixture_lora_grouped(x: Tensor, bank: LoraBank, meta: MixtureMeta) -> Tensor:
+    """The CPU path: one skinny GEMM pair per *active* adapter, at its real rank.
+
+    With ``xs`` the routed rows sorted by adapter, each pre-scaled by its gate weight
+    (``B A (w x) = w B A x``), adapter e's rows ``xs_e: [n_e, d_in]`` give
+    ``ys_e = (xs_e @ A_e[:r_e]^T) @ B_e[:, :r_e]^T: [n_e, d_out]``, and ``index_add_`` sums
+    every token's k rows into the output. The sorted pairs are processed in blocks of
+    ``BLOCK_ROWS`` (a segment may straddle two), so the gathered and expanded rows live in
+    two small reused buffers that stay in cache instead of two fresh ``[N, d]`` tensors:
+    measured on one CPU thread, 1.2-1.6 ms instead of 1.4-5 ms for T = 1024, E = 4 to 64.
+
+    Cost: gather + scatter of N = T·k rows, FLOPs 2·N·r·(d_in + d_out), plus a fixed host
+    overhead per active adapter (~10 µs: two ``mm`` calls). It follows the routed tokens, not
+    E: unrouted adapters cost nothing, and a decision with k slots but few distinct adapters
+    (a per-example router repeating its row) runs as few large GEMMs. Low-precision inputs
+    multiply in their dtype and sum the k slots in float32.
+    """
+    # x: [T, d_in]
+    acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    out = torch.zeros(x.shape[0], bank.d_out, dtype=acc_dtype, device=x.device)  # [T, d_out]
+    rows = min(BLOCK_ROWS, meta.num_pairs)
+    x_buf = torch.empty(rows, bank.d_in, dtype=x.dtype, device=x.device)  # [rows, d_in]
+    y_buf = torch.empty(rows, bank.d_out, dtype=x.dtype, device=x.device)  # [rows, d_out]
+    w = meta.pair_weights.to(x.dtype)[:, None]  # [N, 1]
+    views = bank.rank_views
+    for lo, hi, adapters, sizes in _row_blocks(meta.active, meta.active_counts, BLOCK_ROWS):
+        tok = meta.token_ids[lo:hi]  # [n]
+        xs = torch.index_select(x, 0, tok, out=x_buf[: hi - lo]).mul_(w[lo:hi])  # [n, d_in]
+        ys = y_buf[: hi - lo]  # [n, d_out]
+        for e, x_e, y_e in zip(adapters, xs.split(sizes), ys.split(sizes)):
+            a_t, b_t = views[e]  # [d_in, r_e], [r_e, d_out]
+            torch.mm(torch.mm(x_e, a_t), b_t, out=y_e)  # y_e: [n_e, d_out]
+        out.index_add_(0, tok, ys.to(acc_dtype))
+    return out.to(x.dtype)
+
+
+def _row_blocks(active: tuple[int, ...], counts: tuple[int, ...], rows: int):
+    """Cut the adapter-sorted pairs into consecutive blocks of at most ``rows``.
+
+    Yields ``(lo, hi, adapters, sizes)``: pairs ``lo:hi`` are, in order, ``sizes[i]`` pairs of
+    ``adapters[i]`` (an adapter whose segment crosses a block boundary appears in both blocks).
+    """
+    lo, filled, adapters, sizes = 0, 0, [], []
+    for e, n in zip(active, counts):
+        while n:
+            take = min(n, rows - filled)
+            adapters.append(e)
+            sizes.append(take)
+            filled, n = filled + take, n - take
+            if filled == rows:
+                yield lo, lo + rows, adapters, sizes
+                lo, filled, adapters, sizes = lo + rows, 0, [], []
+    if filled:
+        yield lo, lo + filled, adapters, sizes
