@@ -58,6 +58,9 @@ def mixture_lora_grouped(x: Tensor, bank: LoraBank, meta: MixtureMeta) -> Tensor
     multiply in their dtype and sum the k slots in float32.
     """
     # x: [T, d_in]
+    if torch.is_grad_enabled() and (x.requires_grad or meta.pair_weights.requires_grad
+                                    or bank.A.requires_grad or bank.B.requires_grad):
+        return _grouped_differentiable(x, bank, meta)
     acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     out = torch.zeros(x.shape[0], bank.d_out, dtype=acc_dtype, device=x.device)  # [T, d_out]
     rows = min(BLOCK_ROWS, meta.num_pairs)
@@ -74,6 +77,16 @@ def mixture_lora_grouped(x: Tensor, bank: LoraBank, meta: MixtureMeta) -> Tensor
             torch.mm(torch.mm(x_e, a_t), b_t, out=y_e)  # y_e: [n_e, d_out]
         out.index_add_(0, tok, ys.to(acc_dtype))
     return out.to(x.dtype)
+
+
+def _grouped_differentiable(x: Tensor, bank: LoraBank, meta: MixtureMeta) -> Tensor:
+    """The same sums without in-place writes into buffers, so autograd can follow them
+    (gradients reach x, the gate weights and the factors: what router training needs)."""
+    xs = x.index_select(0, meta.token_ids) * meta.pair_weights.to(x.dtype)[:, None]  # [N, d_in]
+    views = bank.rank_views
+    ys = [x_e @ views[e][0] @ views[e][1] for e, x_e in zip(meta.active, xs.split(meta.active_counts))]
+    ys = torch.cat(ys) if ys else xs.new_zeros(0, bank.d_out)  # [N, d_out]
+    return x.new_zeros(x.shape[0], bank.d_out).index_add(0, meta.token_ids, ys)  # [T, d_out]
 
 
 def _row_blocks(active: tuple[int, ...], counts: tuple[int, ...], rows: int):
