@@ -14,13 +14,17 @@ from torch import Tensor
 
 from .bank import LoraBank
 from .meta import MixtureMeta, build_meta
-from .torch_ref import mixture_lora_grouped, mixture_lora_reference
+from .torch_ref import mixture_lora_gather, mixture_lora_grouped, mixture_lora_reference
 
 Backend = Callable[[Tensor, LoraBank, Tensor, Tensor, MixtureMeta | None], Tensor]
 
 
 def _reference(x: Tensor, bank: LoraBank, indices: Tensor, weights: Tensor, meta: MixtureMeta | None) -> Tensor:
     return mixture_lora_reference(x, bank, indices, weights)
+
+
+def _gather(x: Tensor, bank: LoraBank, indices: Tensor, weights: Tensor, meta: MixtureMeta | None) -> Tensor:
+    return mixture_lora_gather(x, bank, indices, weights)
 
 
 def _grouped(x: Tensor, bank: LoraBank, indices: Tensor, weights: Tensor, meta: MixtureMeta | None) -> Tensor:
@@ -33,11 +37,18 @@ def _triton(x: Tensor, bank: LoraBank, indices: Tensor, weights: Tensor, meta: M
     return mixture_lora_triton(x, bank, meta or build_meta(indices, weights, bank.num_adapters))
 
 
-BACKENDS: dict[str, Backend] = {"reference": _reference, "grouped": _grouped, "triton": _triton}
+BACKENDS: dict[str, Backend] = {"reference": _reference, "gather": _gather, "grouped": _grouped, "triton": _triton}
+
+# At or below this many routed slots (T·k) a call is "small" (decoding): the gather backend's
+# few launches beat building metadata and looping over adapters, on CPU and GPU alike.
+SMALL_SLOTS = 8
 
 
-def pick_backend(x: Tensor) -> str:
-    """``auto``: Triton for CUDA tensors when triton is installed, else the grouped torch path."""
+def pick_backend(x: Tensor, slots: int | None = None) -> str:
+    """``auto``: gather for small calls (``slots`` = T·k <= SMALL_SLOTS), else Triton for CUDA
+    tensors when triton is installed, else the grouped torch path."""
+    if slots is not None and slots <= SMALL_SLOTS:
+        return "gather"
     if x.is_cuda and importlib.util.find_spec("triton") is not None:
         return "triton"
     return "grouped"
@@ -60,7 +71,7 @@ def mixture_lora(
     the reference backend). ``backend`` is ``"auto"`` or a name in ``BACKENDS``.
     """
     if backend == "auto":
-        backend = pick_backend(x)
+        backend = pick_backend(x, indices.numel())
     if backend not in BACKENDS:
         raise ValueError(f"unknown mixture_lora backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
     if x.shape[-1] != bank.d_in:

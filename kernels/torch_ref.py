@@ -40,6 +40,30 @@ def mixture_lora_reference(x: Tensor, bank: LoraBank, indices: Tensor, weights: 
     return torch.einsum("tkor,tkr->to", B[slot], h)  # [T, d_out]  expand + sum over slots
 
 
+def mixture_lora_gather(x: Tensor, bank: LoraBank, indices: Tensor, weights: Tensor) -> Tensor:
+    """Small batches (decoding): gather the T·k selected adapters' factors, two batched matmuls.
+
+    No routing metadata and no device-to-host sync, so its fixed cost is a handful of kernel
+    launches; memory is O(T·k·R·(d_in + d_out)), which is why the dispatcher uses it only for
+    small T·k. Padding beyond an adapter's rank is masked out (skipped when every adapter in
+    the bank has the full rank R, the common case).
+    """
+    # x: [T, d_in], indices / weights: [T, k]
+    T, k = indices.shape
+    R, d_in, d_out = bank.max_rank, bank.d_in, bank.d_out
+    slot = indices.clamp(min=0).reshape(-1)  # [T*k]
+    A = bank.A.index_select(0, slot).view(T, k * R, d_in)  # [T, k·R, d_in]: one rank-k·R LoRA per token
+    h = torch.bmm(x.unsqueeze(1), A.transpose(1, 2)).view(T * k, R)  # [T*k, R]   shrink
+    h = h * torch.where(indices >= 0, weights, 0).to(x.dtype).reshape(-1, 1)  # gate
+    Bt = bank.B.index_select(0, slot).transpose(1, 2)  # [T*k, R, d_out]
+    if min(bank.rank_list, default=0) < R:
+        real = torch.arange(R, device=x.device) < bank.ranks.index_select(0, slot)[:, None]  # [T*k, R]
+        h = torch.where(real, h, 0)  # where, not *: padding may hold NaN
+        Bt = torch.where(real[:, :, None], Bt, 0)
+    out = torch.bmm(h.view(T, 1, k * R), Bt.reshape(T, k * R, d_out))  # [T, 1, d_out]   expand + Σ slots
+    return out.view(T, d_out)
+
+
 def mixture_lora_grouped(x: Tensor, bank: LoraBank, meta: MixtureMeta) -> Tensor:
     """The CPU path: one skinny GEMM pair per *active* adapter, at its real rank.
 

@@ -76,16 +76,19 @@ class Arrow(Router):
     def route(self, x: Tensor, site: RoutingSite) -> RoutingDecision:  # x: [T, d_in]
         key = (site.module, x.device, x.dtype)
         if key not in self._on_device:
-            self._on_device[key] = (self._protos[site.module].to(x.device, x.dtype),
-                                    self._present[site.module].to(x.device))
-        P, present = self._on_device[key]  # P: [E, d_in], present: [E]
-        logits = (x @ P.T).abs() / self.temperature  # [T, E]
-        logits = logits.masked_fill(~present, float("-inf"))
-        k = min(self.top_k, P.shape[0])
-        top, idx = logits.topk(k, dim=-1)  # [T, k]
-        valid = torch.isfinite(top)
-        w = torch.softmax(top.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
-        return RoutingDecision(idx.masked_fill(~valid, -1), w)
+            present = self._present[site.module]
+            self._on_device[key] = (self._protos[site.module].T.to(x.device, x.dtype).contiguous(),
+                                    None if bool(present.all()) else present.to(x.device))
+        Pt, present = self._on_device[key]  # Pt: [d_in, E]; present: bool [E] or None (all)
+        sim = (x @ Pt).abs()  # [T, E]; dividing by T > 0 does not change the top-k
+        if present is not None:
+            sim = sim.masked_fill(~present, float("-inf"))
+        top, idx = sim.topk(min(self.top_k, Pt.shape[1]), dim=-1)  # [T, k]
+        w = torch.softmax(top / self.temperature, dim=-1)
+        if present is not None:  # fewer than k adapters have this module
+            valid = torch.isfinite(top)
+            idx, w = idx.masked_fill(~valid, -1), w.nan_to_num(0.0).masked_fill(~valid, 0.0)
+        return RoutingDecision(idx, w)
 
 
 def _prototypes(adapter: LoraAdapter) -> dict[str, tuple[Tensor, float]]:

@@ -57,7 +57,13 @@ class RoutingSite:
     """What a router sees at one adapted module in one forward pass."""
 
     module: str  # full module path in the base model, e.g. model.layers.3.self_attn.q_proj
-    request_ids: Tensor  # int64 [T]: which request (row of the batch) each token belongs to
+    rows: Tensor  # int64 [Bt']: the batch rows (requests) whose tokens x holds, in order
+    tokens_per_row: int  # x holds rows.numel() * tokens_per_row tokens, row-major
+
+    @property
+    def request_ids(self) -> Tensor:
+        """int64 [T]: the batch row (request) of each token."""
+        return self.rows.repeat_interleave(self.tokens_per_row)
 
 
 class Router:

@@ -57,15 +57,18 @@ class MixtureLinear(nn.Module):
         step = self._runtime.step
         if step is None:
             return y
-        return y + step.delta(x, self.path).view(y.shape).to(y.dtype)
+        delta = step.delta(x, self.path).view(y.shape)
+        return y + delta if torch.is_grad_enabled() else y.add_(delta)
 
 
 class _Group:
-    """Rows of the batch served by one router."""
+    """Rows of the batch served by one router, and where its adapters sit in the bank."""
 
     def __init__(self, router: Router, rows: Tensor | None, slots: Tensor, resident: bool):
         self.router, self.rows, self.slots, self.resident = router, rows, slots, resident
         self.merge_before = getattr(router, "mode", "merge-after") == "merge-before"
+        # The router's i-th adapter in bank slot i: no index translation needed.
+        self.identity = resident and torch.equal(slots.cpu(), torch.arange(slots.numel()))
 
 
 class _Step:
@@ -73,23 +76,30 @@ class _Step:
 
     def __init__(self, runtime: _Runtime, groups: list[_Group], n_rows: int):
         self.runtime, self.groups, self.n_rows = runtime, groups, n_rows
+        self.rows = torch.arange(n_rows, device=runtime.bank.device)
         self._static: dict[tuple[int, int], tuple[RoutingDecision, object]] = {}
+        single = len(groups) == 1 and groups[0].rows is None and not groups[0].merge_before
+        self.fast = groups[0] if single else None  # the common case: one router, merge-after
 
     def delta(self, x: Tensor, path: str) -> Tensor:
         rt = self.runtime
-        lead, d_in = x.shape[:-1], x.shape[-1]
-        flat = x.reshape(-1, d_in)  # [T, d_in]
-        T = flat.shape[0]
-        per_row = T // self.n_rows
+        flat = x.reshape(-1, x.shape[-1])  # [T, d_in]
+        per_row = flat.shape[0] // self.n_rows
+        if self.fast is not None:
+            decision, meta = self._decide(0, self.fast, flat, RoutingSite(path, self.rows, per_row))
+            if rt.trace is not None:
+                rt.trace.record(path, x.shape[:-1], decision, rt.bank.keys)
+            return mixture_lora(flat, rt.bank.banks[path], decision.indices, decision.weights,
+                                meta=meta, backend=rt.backend)
         out = None
         for merge_before in (False, True):
             parts = [(i, g) for i, g in enumerate(self.groups) if g.merge_before == merge_before]
             if not parts:
                 continue
             decision, meta = self._assemble(flat, path, parts, per_row)
-            bank = rt.bank.banks[path]  # after routing: a capacity-bound bank may have just loaded
             if rt.trace is not None:
-                rt.trace.record(path, lead, decision, rt.bank.keys)
+                rt.trace.record(path, x.shape[:-1], decision, rt.bank.keys)
+            bank = rt.bank.banks[path]  # after routing: a capacity-bound bank may have just loaded
             if merge_before:
                 d = mixture_lora_merge_before(flat, bank, decision.indices, decision.weights)
             else:
@@ -101,11 +111,11 @@ class _Step:
         T = flat.shape[0]
         if len(parts) == 1 and parts[0][1].rows is None:  # one router for the whole batch
             i, g = parts[0]
-            return self._decide(i, g, flat, path, torch.arange(self.n_rows, device=flat.device).repeat_interleave(per_row))
+            return self._decide(i, g, flat, RoutingSite(path, self.rows, per_row))
         decisions = []
         for i, g in parts:
             tok = (g.rows.view(-1, 1) * per_row + torch.arange(per_row, device=flat.device)).reshape(-1)
-            dec, _ = self._decide(i, g, flat[tok], path, g.rows.repeat_interleave(per_row))
+            dec, _ = self._decide(i, g, flat[tok], RoutingSite(path, g.rows, per_row))
             decisions.append((tok, dec))
         k = max(d.indices.shape[1] for _, d in decisions)
         idx = torch.full((T, k), -1, dtype=torch.int64, device=flat.device)
@@ -115,17 +125,20 @@ class _Step:
             w[tok, : d.weights.shape[1]] = d.weights.to(w.dtype)
         return RoutingDecision(idx, w), None
 
-    def _decide(self, i: int, g: _Group, x: Tensor, path: str, request_ids: Tensor):
+    def _decide(self, i: int, g: _Group, x: Tensor, site: RoutingSite):
         static = not g.router.per_module
         if static and (i, x.shape[0]) in self._static:
             return self._static[(i, x.shape[0])]
-        local = g.router.route(x, RoutingSite(module=path, request_ids=request_ids))
-        slots = g.slots if g.resident else self.runtime.load_selected(g, local.indices)
-        idx = torch.where(local.indices >= 0, slots[local.indices.clamp_min(0)], -1)
-        decision = RoutingDecision(idx, local.weights)
+        local = g.router.route(x, site)
+        if g.identity:
+            decision = local
+        else:
+            slots = g.slots if g.resident else self.runtime.load_selected(g, local.indices)
+            decision = RoutingDecision(torch.where(local.indices >= 0, slots[local.indices.clamp_min(0)], -1),
+                                       local.weights)
         meta = None
-        if static and g.rows is None:
-            meta = build_meta(decision.indices, decision.weights, self.runtime.bank.banks[path].num_adapters)
+        if static and g.rows is None:  # one decision for every module: regroup it once
+            meta = build_meta(decision.indices, decision.weights, self.runtime.bank.banks[site.module].num_adapters)
         if static:
             self._static[(i, x.shape[0])] = (decision, meta)
         return decision, meta

@@ -9,18 +9,22 @@ from quiver.kernels import BACKENDS, build_meta, mixture_lora, pick_backend
 
 
 def test_registry_names():
-    assert set(BACKENDS) == {"reference", "grouped", "triton"}
+    assert set(BACKENDS) == {"reference", "gather", "grouped", "triton"}
 
 
 def test_unknown_backend_lists_valid_names(case_factory):
     case = case_factory(4, 8, 6, [2], 1)
-    with pytest.raises(ValueError, match="valid: auto, reference, grouped, triton"):
+    with pytest.raises(ValueError, match="valid: auto, reference, gather, grouped, triton"):
         mixture_lora(case.x, case.bank, case.indices, case.weights, backend="cuda")
 
 
-def test_auto_is_grouped_on_cpu(case_factory):
+def test_auto_is_gather_for_small_calls_and_grouped_on_cpu(case_factory):
+    small = case_factory(4, 8, 6, [2, 3], 2)
+    assert pick_backend(small.x, small.indices.numel()) == "gather"
+    torch.testing.assert_close(mixture_lora(small.x, small.bank, small.indices, small.weights),
+                               mixture_lora(small.x, small.bank, small.indices, small.weights, backend="gather"))
     case = case_factory(20, 8, 6, [2, 3], 2)
-    assert pick_backend(case.x) == "grouped"
+    assert pick_backend(case.x, case.indices.numel()) == "grouped"
     torch.testing.assert_close(mixture_lora(case.x, case.bank, case.indices, case.weights),
                                mixture_lora(case.x, case.bank, case.indices, case.weights, backend="grouped"))
 

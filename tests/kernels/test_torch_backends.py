@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from quiver.kernels import LoraBank, build_meta, mixture_lora, mixture_lora_grouped, mixture_lora_reference
+from quiver.kernels.torch_ref import mixture_lora_gather
 
 # name -> (T, d_in, d_out, ranks of the bank's adapters, k)
 SHAPES = {
@@ -55,7 +56,14 @@ def test_grouped_matches_reference(name, dtype, case_factory, check):
     check(mixture_lora_grouped(case.x, case.bank, meta), case)
 
 
-@pytest.mark.parametrize("backend", ["reference", "grouped"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", SHAPES)
+def test_gather_matches_reference(name, dtype, case_factory, check):
+    case = case_factory(*SHAPES[name], dtype=dtype)
+    check(mixture_lora_gather(case.x, case.bank, case.indices, case.weights), case)
+
+
+@pytest.mark.parametrize("backend", ["reference", "grouped", "gather"])
 def test_rank_padding_is_never_read(backend, case_factory):
     """NaN in the padding rows of A / columns of B must not reach the output."""
     case = case_factory(40, 37, 19, [1, 4, 9], 2)
@@ -71,7 +79,7 @@ def test_rank_padding_is_never_read(backend, case_factory):
 def test_all_empty_rows_give_zeros(case_factory):
     case = case_factory(12, 37, 19, [2, 3], 3)
     none = torch.full_like(case.indices, -1)
-    for backend in ("reference", "grouped"):
+    for backend in ("reference", "grouped", "gather"):
         out = mixture_lora(case.x, case.bank, none, case.weights, backend=backend)
         assert torch.equal(out, torch.zeros(12, 19))
 

@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from quiver.library.errors import ValidationError
-from quiver.merging import merge_tensors, merge_to_checkpoint
 from quiver.merging import checkpoint as checkpoint_module
+from quiver.merging import merge_tensors, merge_to_checkpoint
 
 IDS = torch.tensor([[1, 5, 9, 33, 70, 127, 2, 64]])
 
@@ -49,23 +49,34 @@ def test_ties_checkpoint_loads_and_equals_base_plus_merged_delta(
     expected = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     with torch.no_grad():
         for path in adapters[0].modules:
-            tau = merge_tensors([a.delta(path) for a in adapters], "ties", [1.0, 0.5, 2.0], density=0.3)
+            tau = merge_tensors(
+                [a.delta(path) for a in adapters], "ties", [1.0, 0.5, 2.0], density=0.3
+            )
             expected.get_submodule(path).weight += 0.8 * tau
     torch.testing.assert_close(_logits(merged), _logits(expected))
     assert (_logits(merged) - _logits(base_model)).abs().max() > 1e-2  # the delta matters
 
 
 def test_checkpoint_is_sharded_with_an_index_and_the_side_files(tiny_llama_dir, adapters, tmp_path):
-    out = merge_to_checkpoint(tiny_llama_dir, adapters, tmp_path / "m", "linear", max_shard_size="20KB")
+    out = merge_to_checkpoint(
+        tiny_llama_dir, adapters, tmp_path / "m", "linear", max_shard_size="20KB"
+    )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     base = load_file(tiny_llama_dir / "model.safetensors")
     state = _state(out)
     assert set(index["weight_map"]) == set(state) == set(base)
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in base.values())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in base.values()
+    )
     assert all(f.stat().st_size <= 20_000 + 4096 for f in out.glob("model-*.safetensors"))
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
         assert (out / name).read_bytes() == (tiny_llama_dir / name).read_bytes()
     assert not (out / "model.safetensors").exists()
     provenance = json.loads((out / "quiver_merge.json").read_text())
@@ -87,7 +98,9 @@ def _fine_tune(base_dir, path, seed: int) -> dict[str, torch.Tensor]:
 
 def test_full_checkpoints_and_adapters_merge_together(tiny_llama_dir, adapters, tmp_path):
     bf16_base = tmp_path / "bf16-base"
-    AutoModelForCausalLM.from_pretrained(tiny_llama_dir).to(torch.bfloat16).save_pretrained(bf16_base)
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir).to(torch.bfloat16).save_pretrained(
+        bf16_base
+    )
     base = load_file(bf16_base / "model.safetensors")
     tuned = _fine_tune(bf16_base, tmp_path / "ft", seed=7)
 
@@ -105,7 +118,9 @@ def test_full_checkpoints_and_adapters_merge_together(tiny_llama_dir, adapters, 
     AutoModelForCausalLM.from_pretrained(out)  # loads as is
 
 
-def test_a_non_empty_output_directory_is_refused_unless_overwrite(tiny_llama_dir, adapters, tmp_path):
+def test_a_non_empty_output_directory_is_refused_unless_overwrite(
+    tiny_llama_dir, adapters, tmp_path
+):
     out = tmp_path / "m"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -129,7 +144,9 @@ def test_a_failure_leaves_nothing_half_written(tiny_llama_dir, adapters, tmp_pat
 
 def test_adapters_must_fit_the_base(tiny_llama_dir, make_adapter, tmp_path):
     wrong = make_adapter("w", 0, {"model.layers.0.self_attn.q_proj": (32, 16)})
-    with pytest.raises(ValidationError, match=r"'model.layers.0.self_attn.q_proj' .* weight \[32, 32\]"):
+    with pytest.raises(
+        ValidationError, match=r"'model.layers.0.self_attn.q_proj' .* weight \[32, 32\]"
+    ):
         merge_to_checkpoint(tiny_llama_dir, [wrong], tmp_path / "m")
     missing = make_adapter("x", 0, {"model.layers.9.mlp.up_proj": (64, 32)})
     with pytest.raises(ValidationError, match="no such weight"):
@@ -159,7 +176,9 @@ def test_checkpoints_must_share_the_base_tensors(tiny_llama_dir, tmp_path):
 )
 def test_bad_arguments_write_nothing(tiny_llama_dir, adapters, tmp_path, kwargs, error, message):
     with pytest.raises(error, match=message):
-        merge_to_checkpoint(tiny_llama_dir, adapters, tmp_path / "m", **{"method": "ties", **kwargs})
+        merge_to_checkpoint(
+            tiny_llama_dir, adapters, tmp_path / "m", **{"method": "ties", **kwargs}
+        )
     assert list(tmp_path.iterdir()) == []
 
 

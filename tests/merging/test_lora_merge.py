@@ -32,7 +32,9 @@ def test_linear_merge_is_an_exact_concatenation(adapters):
 def test_task_arithmetic_applies_lambda(adapters):
     merged = merge(adapters, "task_arithmetic", weights=[1.0, -1.0, 0.5], lambda_=0.4)
     path = "layers.0.down"
-    expected = 0.4 * (adapters[0].delta(path) - adapters[1].delta(path) + 0.5 * adapters[2].delta(path))
+    expected = 0.4 * (
+        adapters[0].delta(path) - adapters[1].delta(path) + 0.5 * adapters[2].delta(path)
+    )
     torch.testing.assert_close(merged.delta(path), expected)
 
 
@@ -103,7 +105,9 @@ def test_adapters_for_different_base_models_are_refused(adapters, make_adapter):
 
 def test_mismatched_module_sets_are_named(adapters, make_adapter):
     fewer = make_adapter("x", 9, {"layers.0.q": (12, 10)})
-    with pytest.raises(ValidationError, match=r"'x' adapts other modules .* missing \['layers.0.down'\]"):
+    with pytest.raises(
+        ValidationError, match=r"'x' adapts other modules .* missing \['layers.0.down'\]"
+    ):
         merge([adapters[0], fewer], "linear")
     reshaped = make_adapter("y", 9, {"layers.0.q": (12, 10), "layers.0.down": (10, 8)})
     with pytest.raises(ValidationError, match=r"module 'layers.0.down': ΔW is \[10, 8\]"):
@@ -127,4 +131,3 @@ def test_bad_arguments_are_refused(adapters, kwargs, message):
 def test_no_adapters_is_an_error():
     with pytest.raises(ValidationError, match="no adapters"):
         merge([], "linear")
-

@@ -21,7 +21,7 @@ GOLDEN = Path(__file__).parent / "golden" / "mergekit.safetensors"
 def _load():
     with safe_open(GOLDEN, framework="pt") as f:
         cases = json.loads(f.metadata()["cases"])
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
     return cases, tensors
 
 
@@ -31,7 +31,12 @@ KEYS = sorted({name.split(".")[1] for name in TENSORS if name.startswith("base."
 
 def test_golden_file_covers_the_mergekit_methods():
     assert {case["method"] for case in CASES.values()} == {
-        "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs"
+        "linear",
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "breadcrumbs",
     }
     assert KEYS == ["v", "w"]
 

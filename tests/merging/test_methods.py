@@ -17,8 +17,14 @@ TAUS = [T([4.0, -3.0, 1.0, 0.5]), T([-2.0, -1.0, 3.0, 0.25]), T([-1.0, 2.0, -0.5
 
 def test_registry_lists_every_method():
     assert set(METHODS) == {
-        "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-        "breadcrumbs", "pcb", "magnitude_prune",
+        "linear",
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "breadcrumbs",
+        "pcb",
+        "magnitude_prune",
     }
     for name, builder in METHODS.items():
         assert build(name).method == name
@@ -116,7 +122,9 @@ def _reference_pcb(checks: torch.Tensor, ratio: float, clip: float) -> torch.Ten
     def clamp(x, min_ratio, max_ratio):
         d = x.shape[1]
         s = x.sort(dim=1).values
-        return x.clamp(s[:, int(d * min_ratio)][:, None], s[:, int(d * (1 - max_ratio) - 1)][:, None])
+        return x.clamp(
+            s[:, int(d * min_ratio)][:, None], s[:, int(d * (1 - max_ratio) - 1)][:, None]
+        )
 
     n = checks.shape[0]
     magnitude = clamp(checks.abs(), clip, clip)

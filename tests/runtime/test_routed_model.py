@@ -64,7 +64,7 @@ def test_arrow_decisions_are_top_k_and_normalised(tiny_model, lib6):
     router = Arrow(top_k=3, temperature=0.7)
     RoutedModel(copy.deepcopy(tiny_model), lib6, router=router)
     x = torch.randn(11, 32)
-    site = RoutingSite("model.layers.1.self_attn.k_proj", torch.zeros(11, dtype=torch.int64))
+    site = RoutingSite("model.layers.1.self_attn.k_proj", torch.zeros(1, dtype=torch.int64), 11)
     d = router.route(x, site)
     assert d.indices.shape == (11, 3)
     assert not (d.indices == 5).any()  # a5 has no k_proj: never selected there

@@ -38,32 +38,47 @@ WEIGHTS = [1.0, 0.5, 2.0]
 CASES = {
     "linear": ("linear", {"weight": WEIGHTS}, "linear", {}),
     "task_arithmetic": (
-        "task_arithmetic", {"weight": WEIGHTS, "lambda": 0.7}, "task_arithmetic", {"lambda_": 0.7}
+        "task_arithmetic",
+        {"weight": WEIGHTS, "lambda": 0.7},
+        "task_arithmetic",
+        {"lambda_": 0.7},
     ),
     "ties_sum": ("ties", {"weight": WEIGHTS, "density": 0.4}, "ties", {"density": 0.4}),
     "ties_count": (  # mergekit registers no method with this consensus: built below
-        "ties_count", {"weight": WEIGHTS, "density": 0.6},
-        "ties", {"density": 0.6, "consensus": "frequency"},
+        "ties_count",
+        {"weight": WEIGHTS, "density": 0.6},
+        "ties",
+        {"density": 0.6, "consensus": "frequency"},
     ),
     "ties_unnormalized": (
-        "ties", {"weight": WEIGHTS, "density": 0.3, "normalize": False, "lambda": 0.5},
-        "ties", {"density": 0.3, "normalize": False, "lambda_": 0.5},
+        "ties",
+        {"weight": WEIGHTS, "density": 0.3, "normalize": False, "lambda": 0.5},
+        "ties",
+        {"density": 0.3, "normalize": False, "lambda_": 0.5},
     ),
     "dare_linear": (
-        "dare_linear", {"weight": WEIGHTS, "density": 0.7, "rescale": False},
-        "dare_linear", {"density": 0.7},
+        "dare_linear",
+        {"weight": WEIGHTS, "density": 0.7, "rescale": False},
+        "dare_linear",
+        {"density": 0.7},
     ),
     "dare_ties": (
-        "dare_ties", {"weight": WEIGHTS, "density": 0.5, "rescale": False, "normalize": True},
-        "dare_ties", {"density": 0.5, "normalize": True},
+        "dare_ties",
+        {"weight": WEIGHTS, "density": 0.5, "rescale": False, "normalize": True},
+        "dare_ties",
+        {"density": 0.5, "normalize": True},
     ),
     "breadcrumbs": (
-        "breadcrumbs", {"weight": [1.0, 1.0, 1.0], "density": 0.6, "gamma": 0.1},
-        "breadcrumbs", {"density": 0.6, "gamma": 0.1},
+        "breadcrumbs",
+        {"weight": [1.0, 1.0, 1.0], "density": 0.6, "gamma": 0.1},
+        "breadcrumbs",
+        {"density": 0.6, "gamma": 0.1},
     ),
     "breadcrumbs_ties": (
-        "breadcrumbs_ties", {"weight": WEIGHTS, "density": 0.6, "gamma": 0.1},
-        "breadcrumbs", {"density": 0.6, "gamma": 0.1, "consensus": "total"},
+        "breadcrumbs_ties",
+        {"weight": WEIGHTS, "density": 0.6, "gamma": 0.1},
+        "breadcrumbs",
+        {"density": 0.6, "gamma": 0.1, "consensus": "total"},
     ),
 }
 COUNT = len(WEIGHTS)
@@ -84,7 +99,9 @@ def main() -> None:
     for key, shape in SHAPES.items():
         tensors[f"base.{key}"] = torch.randn(shape, generator=generator)
         for i in range(COUNT):
-            tensors[f"model{i}.{key}"] = tensors[f"base.{key}"] + torch.randn(shape, generator=generator)
+            tensors[f"model{i}.{key}"] = tensors[f"base.{key}"] + torch.randn(
+                shape, generator=generator
+            )
 
     cases = {}
     for case, (mk_method, mk_params, method, params) in CASES.items():
@@ -94,11 +111,13 @@ def main() -> None:
             models = [tensors[f"model{i}.{key}"] for i in range(COUNT)]
             if "dare" in case:
                 density = mk_params["density"]
-                masks = torch.bernoulli(torch.full((COUNT, base.numel()), density), generator=generator)
+                masks = torch.bernoulli(
+                    torch.full((COUNT, base.numel()), density), generator=generator
+                )
                 tensors[f"mask.{case}.{key}"] = masks
                 models = [base + (m - base) / density for m in models]
-                rows = iter(masks.view(COUNT, *shape))
-                with mock.patch("mergekit.sparsify.torch.bernoulli", lambda p: next(rows)):
+                fixed = mock.Mock(side_effect=list(masks.view(COUNT, *shape)))
+                with mock.patch("mergekit.sparsify.torch.bernoulli", fixed):
                     out = _run(mk_method, mk_params, base, models)
             else:
                 out = _run(mk_method, mk_params, base, models)
