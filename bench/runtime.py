@@ -34,8 +34,21 @@ from quiver.routing import Arrow
 from quiver.runtime import RoutedModel
 
 
+def smollm2_shaped_random(dtype: torch.dtype, device) -> torch.nn.Module:
+    """A randomly initialised Llama with SmolLM2-135M's exact shapes (same cost per token)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+                      max_position_embeddings=8192, rope_theta=100000.0)
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    model._quiver_model_id = "smollm2-135m-shapes-random"
+    return model
+
+
 def bench_library(spec: BaseModelSpec, n: int) -> Library:
-    lib = Library.open(default_cache_dir() / "bench-library", base_model=spec)
+    lib = Library.open(default_cache_dir() / f"bench-library-{spec.fingerprint[:8]}", base_model=spec)
     for i in range(len(lib), n):
         lib.add(random_adapter(spec, f"e{i:04d}", rank=8, seed=i))
     lib.embed(kinds=("arrow",), progress=True)
@@ -88,9 +101,16 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=16, help="decode steps per timing")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--random-weights", action="store_true",
+                    help="a random model of SmolLM2-135M's shapes instead of the real weights (same speed)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    model, _ = load_base_model("smollm2-135m", device=device, tokenizer=False)
+    dtype = getattr(torch, args.dtype)
+    if args.random_weights:
+        model = smollm2_shaped_random(dtype, device)
+    else:
+        model, _ = load_base_model("smollm2-135m", device=device, dtype=dtype, tokenizer=False)
     spec = BaseModelSpec.from_model(model)
     lib = bench_library(spec, max(args.experts + args.peft))
     names = lib.names()
@@ -98,7 +118,7 @@ def main(argv=None) -> None:
     prefill_ids = torch.randint(0, 49152, (8, 128), generator=g).to(device)
     prompt1 = torch.randint(0, 49152, (1, 32), generator=g).to(device)
     prompt16 = torch.randint(0, 49152, (16, 32), generator=g).to(device)
-    print(f"SmolLM2-135M fp32 on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    print(f"SmolLM2-135M{' (random weights)' if args.random_weights else ''} {args.dtype} on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"Arrow k=2, rank-8 adapters on 7 projections x 30 layers; median of {args.reps}\n")
     rows = []
 
@@ -119,7 +139,8 @@ def main(argv=None) -> None:
                     return fn(m)
             return measure(base, lambda: fn(rm.model), args.reps)
 
-        cells(f"Quiver Arrow E={E} (bank {rm.bank.memory_bytes() / 2**20:.0f} MiB)", run)
+        cells(f"Quiver Arrow E={E}", run)
+        rows[-1] = (f"Quiver Arrow E={E} (bank {rm.bank.memory_bytes() / 2**20:.0f} MiB)", rows[-1][1])
         rm.unwrap()
     for E in args.peft:
         from peft import ArrowConfig, create_arrow_model
@@ -144,8 +165,8 @@ def main(argv=None) -> None:
         print("\nQuiver vs PEFT Arrow at E=16 (target >= 4x): " + ", ".join(
             f"{k} {peft16[k][1] / quiver16[k][1]:.1f}x" for k in keys))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-    print(f"peak RSS of this process: {peak:.0f} MiB (base model fp32: "
-          f"{sum(p.numel() * 4 for p in model.parameters()) / 2**20:.0f} MiB)")
+    print(f"peak RSS of this process: {peak:.0f} MiB (base model: "
+          f"{sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.0f} MiB)")
     if device.type == "cuda":
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 
-import faiss
 import numpy as np
 import torch
 from safetensors.torch import load as st_load
@@ -138,6 +137,8 @@ class DerivedMixin:
         names, vectors = self.svd_embeddings()
         if not 1 <= k <= len(names):
             raise ValueError(f"k must be between 1 and the number of adapters ({len(names)}), got {k}")
+        import faiss
+
         sim = (vectors @ vectors.T).numpy().astype(np.float32)  # [N, N] cosine similarities
         km = faiss.Kmeans(sim.shape[1], k, niter=niter, seed=seed, nredo=5, verbose=False,
                           min_points_per_centroid=1)

@@ -14,7 +14,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 import torch
 from safetensors import safe_open
@@ -32,12 +31,14 @@ class IndexConfig:
 class VectorIndex:
     """Maps row ids to keys; ``search`` returns ``[(key, score)]`` best first."""
 
-    def __init__(self, index: faiss.Index, keys: list[str], stamp: str = ""):
+    def __init__(self, index, keys: list[str], stamp: str = ""):  # index: faiss.Index
         self.index, self.keys, self.stamp = index, keys, stamp
 
     @classmethod
     def build(cls, vectors: np.ndarray, keys: list[str], config: IndexConfig | None = None,
               stamp: str = "") -> VectorIndex:
+        import faiss  # imported on use: start-up of commands that never search stays light
+
         cfg = config or IndexConfig()
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # [N, D]
         if len(vectors) != len(keys):
@@ -55,7 +56,7 @@ class VectorIndex:
 
     @property
     def kind(self) -> str:
-        return "hnsw" if isinstance(self.index, faiss.IndexHNSWFlat) else "exact"
+        return "hnsw" if type(self.index).__name__ == "IndexHNSWFlat" else "exact"
 
     def search(self, query: np.ndarray, k: int) -> list[tuple[str, float]]:
         """Top ``k`` keys by inner product with the ``[D]`` query."""
@@ -68,6 +69,8 @@ class VectorIndex:
 
     def save(self, path: Path) -> None:
         """One safetensors file: the serialised index as bytes, keys and stamp as metadata."""
+        import faiss
+
         data = torch.from_numpy(faiss.serialize_index(self.index))
         meta = {"keys": json.dumps(self.keys), "stamp": self.stamp}
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -78,6 +81,8 @@ class VectorIndex:
     def load(cls, path: Path) -> VectorIndex | None:
         if not path.is_file():
             return None
+        import faiss
+
         with safe_open(path, "pt") as f:
             meta = f.metadata()
             data = f.get_tensor("index")

@@ -1,1 +1,27 @@
-"""merging."""
+"""Offline merging: task-vector merge methods, LoRA and full-checkpoint outputs.
+
+    from quiver.merging import merge_tensors, merge, merge_to_checkpoint
+    tau = merge_tensors([t1, t2, t3], method="ties", weights=[1, 1, 1], density=0.2)
+    adapter = merge([a1, a2], method="pcb", rank=16, ratio=0.1, name="merged")
+    merge_to_checkpoint(base_dir, [a1, a2], out_dir, method="ties", density=0.2)
+
+``METHODS`` maps each method name to the builder whose docstring states its formula.
+"""
+
+from .checkpoint import merge_to_checkpoint
+from .lora import merge, retained_energy
+from .methods import METHODS, MergeSpec, build, merge_tensors
+from .search import CoefficientSearch, search_pcb_coefficients, task_vectors
+
+__all__ = [
+    "METHODS",
+    "CoefficientSearch",
+    "MergeSpec",
+    "build",
+    "merge",
+    "merge_tensors",
+    "merge_to_checkpoint",
+    "retained_energy",
+    "search_pcb_coefficients",
+    "task_vectors",
+]

@@ -57,6 +57,15 @@ def test_ties_checkpoint_loads_and_equals_base_plus_merged_delta(
     assert (_logits(merged) - _logits(base_model)).abs().max() > 1e-2  # the delta matters
 
 
+def test_whole_model_thresholds_span_every_adapted_weight(tiny_llama_dir, adapters, tmp_path):
+    out = merge_to_checkpoint(tiny_llama_dir, adapters, tmp_path / "m", "pcb", ratio=0.2)
+    state, base = _state(out), load_file(tiny_llama_dir / "model.safetensors")
+    model = {f"{p}.weight": [a.delta(p) for a in adapters] for p in adapters[0].modules}
+    expected = merge_tensors(model, "pcb", ratio=0.2, scope="model")
+    for name, theta in base.items():
+        torch.testing.assert_close(state[name], theta + expected.get(name, 0.0))
+
+
 def test_checkpoint_is_sharded_with_an_index_and_the_side_files(tiny_llama_dir, adapters, tmp_path):
     out = merge_to_checkpoint(
         tiny_llama_dir, adapters, tmp_path / "m", "linear", max_shard_size="20KB"

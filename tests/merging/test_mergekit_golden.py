@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from quiver.merging import merge_tensors
-from quiver.merging.methods import RandomDrop
+from quiver.merging.sparsify import RandomDrop
 
 GOLDEN = Path(__file__).parent / "golden" / "mergekit.safetensors"
 
