@@ -271,6 +271,50 @@ def generate(
         console.print(f"[bold]> {a.prompt}[/bold]\n{a.text}\n[dim]adapters: {tops}[/dim]\n")
 
 
+@app.command("merge", context_settings=EXTRA)
+def merge_cmd(ctx: typer.Context, library: LibraryOpt = None, as_json: JsonOpt = False):
+    """Merge library adapters into one LoRA (registered) or into the base weights (a checkpoint).
+
+    quiver merge merge=ties merge.density=0.2 adapters=[a,b,c] output=lora output.name=abc
+    quiver merge merge=pcb adapters=[a,b] output=checkpoint output.path=./merged-model
+    Methods: conf/merge/*.yaml (linear, task_arithmetic, ties, dare_linear, dare_ties,
+    breadcrumbs, pcb, magnitude_prune); any key overridable as merge.KEY=VALUE.
+    """
+    from omegaconf import OmegaConf
+
+    from .library import base_model_dir
+    from .merging import merge, merge_to_checkpoint
+
+    cfg = _cfg(ctx)
+    if not cfg.adapters:
+        raise ValueError("name the adapters to merge: adapters=[a,b,...]")
+    lib = _existing(cfg, library)
+    adapters = [lib.get(n) for n in cfg.adapters]
+    weights = list(cfg.weights) if cfg.weights is not None else None
+    params = OmegaConf.to_container(cfg.merge)
+    method = params.pop("name")
+    out = cfg.output
+    if out.kind == "checkpoint":
+        path = merge_to_checkpoint(base_model_dir(cfg.model.name, cfg.model.cache_dir), adapters, out.path,
+                                   method=method, weights=weights, max_shard_size=out.max_shard_size,
+                                   overwrite=out.overwrite, progress=True, **params)
+        result = {"method": method, "adapters": list(cfg.adapters), "checkpoint": str(path)}
+    elif out.kind == "lora":
+        merged = merge(adapters, method=method, weights=weights, rank=out.rank, name=out.name,
+                       progress=True, **params)
+        rec = lib.add(merged, out.name, description=f"{method} merge of {', '.join(cfg.adapters)}",
+                      tags=["merged"], replace=out.replace)
+        report = merged.metadata["merge"]
+        result = {"method": method, "adapters": list(cfg.adapters), "registered": rec.name,
+                  "rank": rec.rank, "min_retained_energy": report["min_retained_energy"],
+                  "mean_sign_conflict": report["mean_sign_conflict"]}
+        if out.path:
+            result["peft_dir"] = str(lib.export_peft(rec.name, out.path))
+    else:
+        raise ValueError(f"unknown output {out.kind!r}; valid: lora, checkpoint")
+    _print(result, as_json)
+
+
 BENCHMARKS = ("library", "runtime", "kernels", "merging")
 
 
@@ -294,12 +338,15 @@ def demo(library: LibraryOpt = None,
 
 
 def main() -> None:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     from .library import QuiverError
 
     try:
         app()
     except (QuiverError, ValueError, LookupError, FileNotFoundError, FileExistsError,
-            NotADirectoryError, ModuleNotFoundError) as e:
+            NotADirectoryError, ModuleNotFoundError, HydraException, OmegaConfBaseException) as e:
         msg = e.args[0] if isinstance(e, LookupError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)

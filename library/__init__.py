@@ -1,7 +1,7 @@
 """The adapter library: data model, persisted store, embeddings, search, PEFT interop."""
 
 from .adapter import BaseModelRef, LoraAdapter, LoraModule, check_name
-from .base_model import DEFAULT_MODEL, BaseModelSpec, fingerprint, load_base_model
+from .base_model import DEFAULT_MODEL, BaseModelSpec, base_model_dir, fingerprint, load_base_model
 from .errors import (
     AdapterFormatError,
     AdapterNotFoundError,
@@ -19,6 +19,6 @@ __all__ = [
     "AdapterFormatError", "AdapterNotFoundError", "AdapterRecord", "BaseModelRef", "BaseModelSpec",
     "CorruptBlobError", "DEFAULT_MODEL", "DuplicateNameError", "EmbeddingConfig", "IndexConfig",
     "Library", "LoraAdapter", "LoraModule", "QuiverError", "UnsupportedAdapterError",
-    "ValidationError", "VectorIndex", "VerifyReport", "check_name", "fingerprint",
+    "ValidationError", "VectorIndex", "VerifyReport", "base_model_dir", "check_name", "fingerprint",
     "load_base_model", "read_peft_dir", "write_peft_dir",
 ]

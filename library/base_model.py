@@ -118,19 +118,8 @@ def load_base_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    key = str(name_or_path)
-    if key in _KNOWN_GGUF:
-        path = _cached_gguf_checkpoint(key, Path(cache_dir) if cache_dir else default_cache_dir())
-        model_id = key
-    else:
-        path = Path(name_or_path)
-        if not (path / "config.json").is_file():
-            known = ", ".join(sorted(_KNOWN_GGUF))
-            raise FileNotFoundError(
-                f"{key!r} is neither a known model name ({known}) nor a directory with a "
-                "Hugging Face config.json"
-            )
-        model_id = str(path.resolve())
+    path = base_model_dir(name_or_path, cache_dir)
+    model_id = str(name_or_path) if str(name_or_path) in _KNOWN_GGUF else str(path.resolve())
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     tok = None
     if tokenizer:
@@ -143,6 +132,21 @@ def load_base_model(
     if fp_file.is_file():
         model._quiver_fingerprint = json.loads(fp_file.read_text())["fingerprint"]
     return model, tok
+
+
+def base_model_dir(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The Hugging Face directory behind a known name (converted on first use) or a path."""
+    key = str(name_or_path)
+    if key in _KNOWN_GGUF:
+        return _cached_gguf_checkpoint(key, Path(cache_dir) if cache_dir else default_cache_dir())
+    path = Path(name_or_path)
+    if not (path / "config.json").is_file():
+        known = ", ".join(sorted(_KNOWN_GGUF))
+        raise FileNotFoundError(
+            f"{key!r} is neither a known model name ({known}) nor a directory with a "
+            "Hugging Face config.json"
+        )
+    return path
 
 
 # Known names -> (distribution that ships the GGUF, file name inside it).

@@ -51,6 +51,7 @@ def merge_to_checkpoint(
     *,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    progress: bool = False,
     **params,
 ) -> Path:
     """Merge adapters and/or fine-tuned checkpoint directories into the base model's weights.
@@ -76,7 +77,7 @@ def merge_to_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        _write_weights(staging, base, task_vectors, spec, w, shard_limit)
+        _write_weights(staging, base, task_vectors, spec, w, shard_limit, progress)
         _copy_side_files(base.path, staging)
         provenance = {
             "method": spec.method,
@@ -113,11 +114,16 @@ def _write_weights(
     spec: MergeSpec,
     weights: torch.Tensor,
     shard_limit: int,
+    progress: bool = False,
 ) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(base.tensors), desc=f"merging ({spec.method})", unit="tensor", disable=not progress)
     stats = spec.model_stats(lambda: (task_vectors.stack(name) for name in task_vectors.names))
     changed = set(task_vectors.names)
 
     def merged(name: str) -> torch.Tensor:
+        bar.update()
         theta = base.read(name)
         if name not in changed:
             return theta
@@ -130,6 +136,7 @@ def _write_weights(
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         write_safetensors(staging / file, {n: base.tensors[n] for n in names}, map(merged, names))
         weight_map.update(dict.fromkeys(names, file))
+    bar.close()
     total = sum(_nbytes(info) for info in base.tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
@@ -154,7 +161,11 @@ def write_safetensors(
     path: Path, layout: dict[str, TensorInfo], tensors: Iterable[torch.Tensor]
 ) -> None:
     """Stream a safetensors file: the header from ``layout`` (name → dtype, shape, in order),
-    then each tensor's bytes as ``tensors`` yields them, one in memory at a time."""
+    then each tensor's bytes as ``tensors`` yields them, one in memory at a time.
+
+    Written here rather than with ``safetensors.torch.save_file`` because that takes every
+    tensor of a shard at once; streaming keeps peak memory near one tensor (the format is a
+    length-prefixed JSON header plus raw little-endian bytes, which ``safe_open`` reads back)."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, info in layout.items():

@@ -23,6 +23,7 @@ import zlib
 from collections.abc import Sequence
 
 import torch
+from tqdm import tqdm
 
 from quiver.library.adapter import LoraAdapter, LoraModule, check_name
 from quiver.library.errors import ValidationError
@@ -40,6 +41,7 @@ def merge(
     *,
     rank: int | None = None,
     name: str = "merged",
+    progress: bool = False,
     **params,
 ) -> LoraAdapter:
     """Merge ``adapters`` (one base model, one module set) into one LoRA adapter.
@@ -61,8 +63,11 @@ def merge(
     dtype = adapters[0].modules[paths[0]].A.dtype
     modules: dict[str, LoraModule] = {}
     energy: dict[str, float] = {}
-    for path in paths:
+    conflict: dict[str, float] = {}
+    for path in tqdm(paths, desc=f"merging ({spec.method})", unit="module", disable=not progress):
         factors = _merge_module(spec, adapters, path, w, rank, stats)
+        if len(adapters) > 1:
+            conflict[path] = round(sign_conflict_rate(_deltas(adapters, path)), 6)
         r = factors.A.shape[0]
         modules[path] = LoraModule(A=factors.A.to(dtype), B=factors.B.to(dtype), alpha=float(r))
         energy[path] = round(factors.energy, 6)
@@ -74,6 +79,8 @@ def merge(
         "rank": rank,
         "retained_energy": energy,
         "min_retained_energy": min(energy.values()),
+        "sign_conflict": conflict,
+        "mean_sign_conflict": sum(conflict.values()) / len(conflict) if conflict else 0.0,
     }
     return LoraAdapter(
         name=name,
@@ -82,6 +89,16 @@ def merge(
         use_rslora=False,
         metadata={"merge": report},
     )
+
+
+def sign_conflict_rate(deltas: torch.Tensor) -> float:
+    """Among entries where at least two task vectors are non-zero, the fraction whose non-zero
+    values disagree in sign (the interference TIES and PCB resolve). ``deltas: [n, ...]``."""
+    nonzero = deltas != 0
+    pos = (deltas > 0).sum(0)
+    neg = (deltas < 0).sum(0)
+    contested = nonzero.sum(0) >= 2
+    return float(((pos > 0) & (neg > 0)).sum() / contested.sum().clamp_min(1))
 
 
 def retained_energy(adapter: LoraAdapter) -> dict[str, float]:

@@ -110,3 +110,35 @@ def test_generate_cli_with_router_overrides_and_trace(runner, tmp_path, tiny_mod
     assert json.loads(r.stdout)[0]["adapters"] == {"fr": 1.0}
     r = invoke(runner, "generate", "--json", *common)
     assert r.exit_code != 0 and "give at least one --prompt" in str(r.exception)
+
+
+def test_merge_cli_to_lora_and_checkpoint(runner, tmp_path, tiny_model_dir, peft_adapter_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from quiver import Library
+
+    lib = tmp_path / "lib"
+    invoke(runner, "library", "init", "-L", lib, f"model.name={tiny_model_dir}")
+    for i, name in enumerate(["a", "b"]):
+        invoke(runner, "library", "add", peft_adapter_dir(name, seed=i), "--name", name, "-L", lib)
+    r = invoke(runner, "merge", "-L", lib, "--json", f"model.name={tiny_model_dir}", "merge=linear",
+               "adapters=[a,b]", "weights=[0.5,0.5]", "output=lora", "output.name=ab", f"output.path={tmp_path / 'ab'}")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["registered"] == "ab" and out["min_retained_energy"] > 0.999  # exact concatenation
+    with Library.open(lib) as opened:
+        merged, a, b = opened.get("ab"), opened.get("a"), opened.get("b")
+        path = next(iter(a.modules))
+        torch.testing.assert_close(merged.delta(path), 0.5 * a.delta(path) + 0.5 * b.delta(path), atol=1e-6, rtol=1e-5)
+    assert (tmp_path / "ab" / "adapter_config.json").is_file()
+    r = invoke(runner, "merge", "-L", lib, f"model.name={tiny_model_dir}", "merge=ties", "merge.density=0.5",
+               "adapters=[a,b]", "output=checkpoint", f"output.path={tmp_path / 'ckpt'}")
+    assert r.exit_code == 0, r.output
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert model.config.hidden_size == 32
+    r = invoke(runner, "merge", "-L", lib, f"model.name={tiny_model_dir}", "merge=ties", "adapters=[a,b]",
+               "output=checkpoint", f"output.path={tmp_path / 'ckpt'}")
+    assert r.exit_code != 0 and "not empty" in str(r.exception)
+    r = invoke(runner, "merge", "-L", lib, "merge=nope", "adapters=[a]")
+    assert r.exit_code != 0
