@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from torch import nn
 
 from .adapter import BaseModelRef, LoraAdapter, check_name
@@ -68,6 +70,17 @@ CREATE TABLE IF NOT EXISTS adapters (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS adapters_blob ON adapters(blob);
+CREATE TABLE IF NOT EXISTS artifacts (
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    blob TEXT NOT NULL,
+    config TEXT NOT NULL,
+    adapters TEXT NOT NULL DEFAULT '[]',
+    version INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (kind, name)
+);
+CREATE INDEX IF NOT EXISTS artifacts_blob ON artifacts(blob);
 CREATE TABLE IF NOT EXISTS derived (
     blob TEXT NOT NULL,
     kind TEXT NOT NULL,
@@ -358,7 +371,8 @@ class Library(DerivedMixin):
     def _drop_blob_if_unused(self, digest: str) -> None:
         """Delete a blob and its derived data if no row references it (called under the lock)."""
         with self._write():
-            used = self._conn.execute("SELECT 1 FROM adapters WHERE blob=? LIMIT 1", (digest,)).fetchone()
+            used = self._conn.execute("SELECT 1 FROM adapters WHERE blob=? UNION ALL "
+                                      "SELECT 1 FROM artifacts WHERE blob=? LIMIT 1", (digest, digest)).fetchone()
             if used:
                 return
             self._conn.execute("DELETE FROM derived WHERE blob=?", (digest,))
@@ -414,7 +428,8 @@ class Library(DerivedMixin):
             except Exception as e:  # noqa: BLE001 -- every failure is reported, none raised
                 damaged.append((rec.name, str(e)))
         with self._lock:
-            referenced = {rec.blob for rec in self.list()}
+            referenced = {rec.blob for rec in self.list()} | {
+                r[0] for r in self._conn.execute("SELECT blob FROM artifacts")}
             orphans = sorted(p.name for p in (self.path / "blobs").glob("*/*") if p.name not in referenced)
             if fix_orphans:
                 for digest in orphans:
@@ -423,6 +438,59 @@ class Library(DerivedMixin):
                     if time.time() - part.stat().st_mtime > 3600:  # not an add in progress
                         part.unlink(missing_ok=True)
         return VerifyReport(checked=len(records), damaged=damaged, orphan_blobs=orphans)
+
+    # -- artifacts (trained routers, shard pools, ...) ------------------------------------------------
+    def put_artifact(self, kind: str, name: str, tensors: dict[str, torch.Tensor], config: dict,
+                     adapters: Sequence[str] = ()) -> int:
+        """Store named tensors + a JSON config as artifact ``(kind, name)``; returns its version.
+
+        Stored like adapters (content-addressed safetensors blob, atomic, never unpickled);
+        ``adapters`` records which adapters the artifact belongs to (e.g. a router's experts).
+        Storing the same (kind, name) again makes a new version.
+        """
+        check_name(kind), check_name(name)
+        data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                       metadata={"quiver-artifact": json.dumps({"kind": kind, "config": config}, sort_keys=True)})
+        digest = hashlib.sha256(data).hexdigest()
+        tmp = self._write_tmp(data)
+        try:
+            with self._lock:
+                self._place_blob(tmp, digest)
+                with self._write():
+                    old = self._conn.execute("SELECT blob, version FROM artifacts WHERE kind=? AND name=?",
+                                             (kind, name)).fetchone()
+                    version = old["version"] + 1 if old else 1
+                    self._conn.execute("INSERT OR REPLACE INTO artifacts VALUES (?,?,?,?,?,?,?)",
+                                       (kind, name, digest, json.dumps(config, sort_keys=True),
+                                        json.dumps(list(adapters)), version, time.time()))
+                if old is not None and old["blob"] != digest:
+                    self._drop_blob_if_unused(old["blob"])
+        finally:
+            tmp.unlink(missing_ok=True)
+        return version
+
+    def get_artifact(self, kind: str, name: str) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
+        """``(tensors, config, adapters)`` of artifact ``(kind, name)``, verified by hash."""
+        row = self._conn.execute("SELECT * FROM artifacts WHERE kind=? AND name=?", (kind, name)).fetchone()
+        if row is None:
+            have = [r[0] for r in self._conn.execute("SELECT name FROM artifacts WHERE kind=?", (kind,))]
+            raise AdapterNotFoundError(f"no {kind} artifact named {name!r} in {self.path} (have: {have})")
+        tensors = st_load(self._read_blob(row["blob"], f"{kind}/{name}"))
+        return tensors, json.loads(row["config"]), json.loads(row["adapters"])
+
+    def artifacts(self, kind: str | None = None) -> list[dict]:
+        rows = self._conn.execute("SELECT kind, name, version, adapters, created_at FROM artifacts "
+                                  "WHERE ? IS NULL OR kind=? ORDER BY kind, name", (kind, kind)).fetchall()
+        return [dict(r) | {"adapters": json.loads(r["adapters"])} for r in rows]
+
+    def remove_artifact(self, kind: str, name: str) -> None:
+        with self._lock:
+            with self._write():
+                row = self._conn.execute("SELECT blob FROM artifacts WHERE kind=? AND name=?", (kind, name)).fetchone()
+                if row is None:
+                    raise AdapterNotFoundError(f"no {kind} artifact named {name!r} in {self.path}")
+                self._conn.execute("DELETE FROM artifacts WHERE kind=? AND name=?", (kind, name))
+            self._drop_blob_if_unused(row["blob"])
 
     # -- derived data --------------------------------------------------------------------------------
     def _derived(self, blob: str, kind: str, config: str) -> bytes | None:

@@ -171,3 +171,18 @@ def test_verify_reports_and_removes_orphan_blobs(lib, tiny_spec):
     assert lib.verify().orphan_blobs == [orphan.name]
     lib.verify(fix_orphans=True)
     assert not orphan.exists() and lib.verify().orphan_blobs == [] and lib.get("a")
+
+
+def test_artifacts_are_versioned_verified_and_share_blob_cleanup(lib, tiny_spec):
+    lib.add(random_adapter(tiny_spec, "a", seed=1))
+    t = {"w": torch.arange(6.0).view(2, 3)}
+    assert lib.put_artifact("router", "gate", t, {"top_k": 2}, adapters=["a"]) == 1
+    assert lib.put_artifact("router", "gate", {"w": t["w"] * 2}, {"top_k": 2}, adapters=["a"]) == 2
+    tensors, config, adapters = lib.get_artifact("router", "gate")
+    assert torch.equal(tensors["w"], t["w"] * 2) and config == {"top_k": 2} and adapters == ["a"]
+    assert [a["version"] for a in lib.artifacts("router")] == [2]
+    assert lib.verify().orphan_blobs == []  # the first version's blob was dropped
+    with pytest.raises(AdapterNotFoundError, match="no router artifact named 'nope'"):
+        lib.get_artifact("router", "nope")
+    lib.remove_artifact("router", "gate")
+    assert len(list((lib.path / "blobs").glob("*/*"))) == 1  # only the adapter's blob is left
