@@ -41,7 +41,7 @@ BACKENDS: dict[str, Backend] = {"reference": _reference, "gather": _gather, "gro
 
 # At or below this many routed slots (T·k) a call is "small" (decoding): the gather backend's
 # few launches beat building metadata and looping over adapters, on CPU and GPU alike.
-SMALL_SLOTS = 8
+SMALL_SLOTS = 32
 
 
 def pick_backend(x: Tensor, slots: int | None = None) -> str:

@@ -23,7 +23,7 @@ def test_auto_is_gather_for_small_calls_and_grouped_on_cpu(case_factory):
     assert pick_backend(small.x, small.indices.numel()) == "gather"
     torch.testing.assert_close(mixture_lora(small.x, small.bank, small.indices, small.weights),
                                mixture_lora(small.x, small.bank, small.indices, small.weights, backend="gather"))
-    case = case_factory(20, 8, 6, [2, 3], 2)
+    case = case_factory(40, 8, 6, [2, 3], 2)
     assert pick_backend(case.x, case.indices.numel()) == "grouped"
     torch.testing.assert_close(mixture_lora(case.x, case.bank, case.indices, case.weights),
                                mixture_lora(case.x, case.bank, case.indices, case.weights, backend="grouped"))
