@@ -35,16 +35,9 @@ from pathlib import Path
 
 import torch
 
-SMOLLM2_135M = dict(
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    vocab_size=49152,
-    tie_word_embeddings=True,
-)
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from quiver.library.synthetic import ALL_PROJECTIONS as PROJECTIONS
+from quiver.library.synthetic import SMOLLM2_135M
+
 JOBS = ("quiver-lora", "quiver-checkpoint", "peft-lora", "peft-ties-svd-lora", "peft-checkpoint")
 
 

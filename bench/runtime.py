@@ -29,7 +29,7 @@ import torch
 
 from quiver.library import BaseModelSpec, Library, load_base_model
 from quiver.library.base_model import default_cache_dir
-from quiver.library.synthetic import random_adapter
+from quiver.library.synthetic import SMOLLM2_135M, random_adapter
 from quiver.routing import Arrow
 from quiver.runtime import RoutedModel
 
@@ -39,9 +39,7 @@ def smollm2_shaped_random(dtype: torch.dtype, device) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                      num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
-                      max_position_embeddings=8192, rope_theta=100000.0)
+    cfg = LlamaConfig(**SMOLLM2_135M, max_position_embeddings=8192, rope_theta=100000.0)
     model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
     model._quiver_model_id = "smollm2-135m-shapes-random"
     return model

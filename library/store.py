@@ -255,30 +255,24 @@ class Library(DerivedMixin):
         if not replace and self._row(name) is not None:
             raise DuplicateNameError(f"an adapter named {name!r} already exists")
         data = adapter.to_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        tmp = self._write_tmp(data)
-        try:
-            with self._lock:
-                self._place_blob(tmp, digest)
-                with self._write():
-                    old = self._row(name)
-                    if old is not None and not replace:
-                        raise DuplicateNameError(f"an adapter named {name!r} already exists")
-                    now = time.time()
-                    values = (
-                        name, digest, len(data), adapter.base_model.id, adapter.base_model.fingerprint,
-                        adapter.rank, adapter.alpha, json.dumps(adapter.target_modules),
-                        len(adapter.modules), adapter.num_parameters(), description,
-                        json.dumps(examples), json.dumps(tags),
-                        (old["version"] + 1) if old else 1, old["created_at"] if old else now, now,
-                    )
-                    self._conn.execute(
-                        "INSERT OR REPLACE INTO adapters VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", values)
-                    self._bump_generation()
-                if old is not None and old["blob"] != digest:
-                    self._drop_blob_if_unused(old["blob"])
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        def write_row(digest: str):
+            old = self._row(name)
+            if old is not None and not replace:
+                raise DuplicateNameError(f"an adapter named {name!r} already exists")
+            now = time.time()
+            values = (
+                name, digest, len(data), adapter.base_model.id, adapter.base_model.fingerprint,
+                adapter.rank, adapter.alpha, json.dumps(adapter.target_modules),
+                len(adapter.modules), adapter.num_parameters(), description,
+                json.dumps(examples), json.dumps(tags),
+                (old["version"] + 1) if old else 1, old["created_at"] if old else now, now,
+            )
+            self._conn.execute("INSERT OR REPLACE INTO adapters VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", values)
+            self._bump_generation()
+            return None, old["blob"] if old else None
+
+        self._commit_blob(data, write_row)
         return self.info(name)
 
     def add_peft(self, peft_dir: str | os.PathLike, name: str, **kwargs) -> AdapterRecord:
@@ -295,6 +289,26 @@ class Library(DerivedMixin):
             f.flush()
             os.fsync(f.fileno())
         return tmp
+
+    def _commit_blob(self, data: bytes, write_row):
+        """Store ``data`` as a blob and reference it: the one atomic write path.
+
+        ``write_row(digest)`` runs inside one transaction, under the library lock, after the
+        blob is durably in place; it returns ``(result, replaced_blob_or_None)``. A replaced
+        blob is deleted if nothing references it any more.
+        """
+        digest = hashlib.sha256(data).hexdigest()
+        tmp = self._write_tmp(data)
+        try:
+            with self._lock:
+                self._place_blob(tmp, digest)
+                with self._write():
+                    result, replaced = write_row(digest)
+                if replaced is not None and replaced != digest:
+                    self._drop_blob_if_unused(replaced)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return result
 
     def _blob_path(self, digest: str) -> Path:
         return self.path / "blobs" / digest[:2] / digest
@@ -330,6 +344,15 @@ class Library(DerivedMixin):
 
     def names(self) -> list[str]:
         return [r[0] for r in self._conn.execute("SELECT name FROM adapters ORDER BY name")]
+
+    def require(self, names) -> list[str]:
+        """``names`` as a list if every one is in the library, else one error naming the missing."""
+        names = list(names)
+        present = set(self.names())
+        missing = [n for n in names if n not in present]
+        if missing:
+            raise AdapterNotFoundError(f"adapter(s) not in the library {self.path}: {missing}")
+        return names
 
     def __contains__(self, name: str) -> bool:
         return self._row(name) is not None
@@ -451,23 +474,17 @@ class Library(DerivedMixin):
         check_name(kind), check_name(name)
         data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                        metadata={"quiver-artifact": json.dumps({"kind": kind, "config": config}, sort_keys=True)})
-        digest = hashlib.sha256(data).hexdigest()
-        tmp = self._write_tmp(data)
-        try:
-            with self._lock:
-                self._place_blob(tmp, digest)
-                with self._write():
-                    old = self._conn.execute("SELECT blob, version FROM artifacts WHERE kind=? AND name=?",
-                                             (kind, name)).fetchone()
-                    version = old["version"] + 1 if old else 1
-                    self._conn.execute("INSERT OR REPLACE INTO artifacts VALUES (?,?,?,?,?,?,?)",
-                                       (kind, name, digest, json.dumps(config, sort_keys=True),
-                                        json.dumps(list(adapters)), version, time.time()))
-                if old is not None and old["blob"] != digest:
-                    self._drop_blob_if_unused(old["blob"])
-        finally:
-            tmp.unlink(missing_ok=True)
-        return version
+
+        def write_row(digest: str):
+            old = self._conn.execute("SELECT blob, version FROM artifacts WHERE kind=? AND name=?",
+                                     (kind, name)).fetchone()
+            version = old["version"] + 1 if old else 1
+            self._conn.execute("INSERT OR REPLACE INTO artifacts VALUES (?,?,?,?,?,?,?)",
+                               (kind, name, digest, json.dumps(config, sort_keys=True),
+                                json.dumps(list(adapters)), version, time.time()))
+            return version, old["blob"] if old else None
+
+        return self._commit_blob(data, write_row)
 
     def get_artifact(self, kind: str, name: str) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
         """``(tensors, config, adapters)`` of artifact ``(kind, name)``, verified by hash."""

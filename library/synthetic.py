@@ -33,11 +33,18 @@ def random_adapter(spec: BaseModelSpec, name: str, *, rank: int = 8, alpha: floa
     return LoraAdapter(name=name, base_model=BaseModelRef(spec.id, spec.fingerprint), modules=modules)
 
 
+# SmolLM2-135M's architecture (a Llama): for random models of the same shapes and cost.
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+
+
 def smollm2_spec() -> BaseModelSpec:
     """SmolLM2-135M's linear shapes, without loading it (for benchmarks and sizing)."""
-    hidden, kv, mlp = 576, 192, 1536
+    c = SMOLLM2_135M
+    hidden, mlp = c["hidden_size"], c["intermediate_size"]
+    kv = hidden // c["num_attention_heads"] * c["num_key_value_heads"]
     linears = {}
-    for i in range(30):
+    for i in range(c["num_hidden_layers"]):
         pre = f"model.layers.{i}"
         for proj, shape in (("self_attn.q_proj", (hidden, hidden)), ("self_attn.k_proj", (kv, hidden)),
                             ("self_attn.v_proj", (kv, hidden)), ("self_attn.o_proj", (hidden, hidden)),

@@ -80,10 +80,7 @@ class Router:
 
     def bind(self, library, universe: list[str]) -> list[AdapterSource]:
         """Choose the adapters from ``universe`` (default: all of it); returns the sources."""
-        names = self.adapters if self.adapters is not None else list(universe)
-        missing = [n for n in names if n not in library]
-        if missing:
-            raise KeyError(f"{type(self).__name__}: adapter(s) not in the library: {missing}")
+        names = library.require(self.adapters if self.adapters is not None else universe)
         if not names:
             raise ValueError(f"{type(self).__name__}: no adapters to route over")
         self.adapters = names

@@ -192,10 +192,7 @@ class RoutedModel(nn.Module):
         if check_fingerprint and fingerprint(model) != base.fingerprint:
             raise ValidationError(f"the model's fingerprint {fingerprint(model)[:12]} differs from the "
                                   f"library's base model {base.id!r} ({base.fingerprint[:12]})")
-        universe = list(adapters) if adapters is not None else library.names()
-        missing = [n for n in universe if n not in library]
-        if missing:
-            raise KeyError(f"adapter(s) not in the library: {missing}")
+        universe = library.require(adapters if adapters is not None else library.names())
         if not universe:
             raise ValueError(f"library {library.path} has no adapters to route over")
         self.model = model

@@ -184,5 +184,5 @@ def test_wrong_base_model_and_unsupported_layers(tiny_model, lib6):
     odd.model.layers[1].self_attn.q_proj.weight = q.weight
     with pytest.raises(TypeError, match=r"model\.layers\.1\.self_attn\.q_proj is a MyLinear; RoutedModel adapts torch\.nn\.Linear"):
         RoutedModel(odd, lib6)
-    with pytest.raises(KeyError, match="not in the library"):
+    with pytest.raises(LookupError, match=r"adapter\(s\) not in the library .*\['nope'\]"):
         RoutedModel(copy.deepcopy(tiny_model), lib6, adapters=["a0", "nope"])
