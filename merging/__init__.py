@@ -11,17 +11,43 @@
 from .checkpoint import merge_to_checkpoint
 from .lora import merge, retained_energy
 from .methods import METHODS, MergeSpec, build, merge_tensors
+from .mos import (
+    CompressConfig,
+    MoSAdapter,
+    MoSConfig,
+    MoSModel,
+    MoSPools,
+    compress,
+    expand,
+    load_mos,
+    load_pools,
+    register_materialized,
+    save_mos,
+    save_pools,
+)
 from .search import CoefficientSearch, search_pcb_coefficients, task_vectors
 
 __all__ = [
     "METHODS",
     "CoefficientSearch",
+    "CompressConfig",
     "MergeSpec",
+    "MoSAdapter",
+    "MoSConfig",
+    "MoSModel",
+    "MoSPools",
     "build",
+    "compress",
+    "expand",
+    "load_mos",
+    "load_pools",
     "merge",
     "merge_tensors",
     "merge_to_checkpoint",
+    "register_materialized",
     "retained_energy",
+    "save_mos",
+    "save_pools",
     "search_pcb_coefficients",
     "task_vectors",
 ]
