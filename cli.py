@@ -1,5 +1,5 @@
-"""The ``quiver`` command. Every subcommand composes ``conf/`` with Hydra; trailing
-``key=value`` arguments override any config key (``library.search.k=5``)."""
+"""The quiver command. Every subcommand composes conf/ with Hydra; trailing
+key=value arguments override any config key (library.search.k=5)."""
 
 from __future__ import annotations
 
