@@ -60,11 +60,13 @@ def _print(obj, as_json: bool) -> None:
         console.print(obj)
 
 
-def _hits_table(hits, title: str) -> Table:
+def _show_hits(hits: list[tuple[str, float]], title: str, as_json: bool) -> None:
+    if as_json:
+        return _print([{"name": n, "score": s} for n, s in hits], True)
     table = Table("adapter", "score", title=title)
     for name, score in hits:
         table.add_row(name, f"{score:.4f}")
-    return table
+    console.print(table)
 
 
 @library_app.command("init", context_settings=EXTRA)
@@ -183,8 +185,7 @@ def library_search(ctx: typer.Context, query: str, k: Annotated[Optional[int], t
                    library: LibraryOpt = None, as_json: JsonOpt = False):
     """Adapters whose description and examples match QUERY (text embeddings + faiss)."""
     cfg = _cfg(ctx)
-    hits = _existing(cfg, library).search(query, k=k or cfg.library.search.k)
-    _print([{"name": n, "score": s} for n, s in hits], True) if as_json else console.print(_hits_table(hits, query))
+    _show_hits(_existing(cfg, library).search(query, k=k or cfg.library.search.k), query, as_json)
 
 
 @library_app.command("similar", context_settings=EXTRA)
@@ -192,8 +193,7 @@ def library_similar(ctx: typer.Context, name: str, k: Annotated[Optional[int], t
                     library: LibraryOpt = None, as_json: JsonOpt = False):
     """Adapters closest to NAME in weight space (svd embeddings)."""
     cfg = _cfg(ctx)
-    hits = _existing(cfg, library).similar(name, k=k or cfg.library.search.k)
-    _print([{"name": n, "score": s} for n, s in hits], True) if as_json else console.print(_hits_table(hits, name))
+    _show_hits(_existing(cfg, library).similar(name, k=k or cfg.library.search.k), name, as_json)
 
 
 @library_app.command("cluster", context_settings=EXTRA)
