@@ -44,3 +44,15 @@ def test_routed_generation_on_smollm2(smol, tmp_path):
         finally:
             for path in ad.modules:
                 model.get_submodule(path).weight.data -= ad.delta(path)
+
+
+def test_demo_main_job_builds_its_library_and_answers(tmp_path, capsys):
+    from quiver.demo import DEMO_ADAPTERS, run_demo
+
+    run_demo(library=tmp_path / "demo", prompts=["Convert March 5th, 2021 to ISO format."], max_new_tokens=4)
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert f"{len(DEMO_ADAPTERS)} adapters for smollm2-135m" in out
+    assert "> Convert March 5th, 2021 to ISO format." in out
+    assert "adapters carrying its tokens:" in out and "best description match: dates" in out
+    with Library.open(tmp_path / "demo") as lib:
+        assert sorted(lib.names()) == sorted(DEMO_ADAPTERS) and lib.verify().ok
