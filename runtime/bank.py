@@ -56,11 +56,15 @@ class AdapterBank:
         if self.capacity is not None and len(needed) > self.capacity:
             raise RuntimeError(f"bank capacity {self.capacity} is smaller than the {len(needed)} "
                                "adapters one call needs; raise `capacity`")
+        loaded = False
         for s in sources:
             if s.key in self._slot_of:
                 self._slot_of.move_to_end(s.key)
             else:
                 self._load(s, needed)
+                loaded = True
+        if loaded:
+            self._rebuild()  # once per call, not per adapter: it builds one view per module
         return torch.tensor([self._slot_of[s.key] for s in sources], dtype=torch.int64, device=self.device)
 
     def _load(self, source: AdapterSource, pinned: set[str]) -> None:
@@ -84,7 +88,6 @@ class AdapterBank:
             self._ranks[path][slot] = r
         self._slot_of[source.key] = slot
         self.loads += 1
-        self._rebuild()
 
     def _take_slot(self, pinned: set[str]) -> int:
         if self._free:
