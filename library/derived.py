@@ -70,12 +70,16 @@ class DerivedMixin:
     def _text_index(self) -> VectorIndex:
         cfg = self.index_config
         stamp = f"{self.generation}:{emb.TEXT_MODEL}:{cfg.exact_max}:{cfg.hnsw_m}"
+        cached = self._loaded_text_index
+        if cached is not None and cached.stamp == stamp:
+            return cached  # the catalog has not changed since it was read: no disk read per query
         path = self.path / "index" / "text.faiss"
         index = VectorIndex.load(path)
         if index is None or index.stamp != stamp:
             names, vectors = self.text_embeddings()
             index = VectorIndex.build(vectors.numpy(), names, cfg, stamp)
             index.save(path)
+        self._loaded_text_index = index
         return index
 
     # -- svd -----------------------------------------------------------------------------------

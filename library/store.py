@@ -152,6 +152,7 @@ class Library(DerivedMixin):
         self._lock = FileLock(str(path / "library.lock"))
         self.embed_config = embed_config
         self.index_config = index_config
+        self._loaded_text_index: VectorIndex | None = None  # reused while its stamp matches
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
