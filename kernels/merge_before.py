@@ -26,11 +26,9 @@ def mixture_lora_merge_before(x: Tensor, bank: LoraBank, indices: Tensor, weight
     T = x.shape[0]
     meta = build_meta(indices, weights, bank.num_adapters)
     h = x.new_zeros(T, bank.max_rank, dtype=torch.float32)  # [T, R]
-    segments = []
-    for e, start, n in zip(meta.active, _starts(meta.active_counts), meta.active_counts):
-        tok = meta.token_ids[start : start + n]  # [n]
-        w = meta.pair_weights[start : start + n, None]  # [n, 1]
-        segments.append((e, tok, w))
+    segments = list(zip(meta.active, meta.token_ids.split(meta.active_counts),  # tok: [n_e]
+                        meta.pair_weights[:, None].split(meta.active_counts)))  # w: [n_e, 1]
+    for e, tok, w in segments:
         r = bank.rank_list[e]
         h[:, :r].index_add_(0, tok, w * (x[tok].float() @ bank.A[e, :r].float().T))
     out = x.new_zeros(T, bank.d_out, dtype=torch.float32)  # [T, d_out]
@@ -39,10 +37,3 @@ def mixture_lora_merge_before(x: Tensor, bank: LoraBank, indices: Tensor, weight
         out.index_add_(0, tok, w * (h[tok, :r] @ bank.B[e, :, :r].float().T))
     return out.to(x.dtype)
 
-
-def _starts(counts: tuple[int, ...]) -> list[int]:
-    starts, s = [], 0
-    for c in counts:
-        starts.append(s)
-        s += c
-    return starts
