@@ -61,11 +61,22 @@ class DerivedMixin:
 
     def search(self, query: str, k: int = 3) -> list[tuple[str, float]]:
         """Adapters whose description/examples best match ``query``: ``[(name, cosine)]``."""
+        return self.search_many([query], k)[0]
+
+    def search_many(self, queries: list[str], k: int = 3,
+                    among: list[str] | None = None) -> list[list[tuple[str, float]]]:
+        """:meth:`search` for many queries, embedded in one batch: one ``[(name, cosine)]`` list
+        per query. ``among``: only these adapters are returned; the index is searched
+        ``k + (adapters outside among)`` deep, so that the k best of them are found."""
         if k < 1:
             raise ValueError("k must be at least 1")
         index = self._text_index()
-        q = emb.embed_texts([query])[0].numpy()
-        return index.search(q, k)
+        vectors = emb.embed_texts(list(queries), self.embed_config.text_batch_size).numpy()  # [Q, 384]
+        if among is None:
+            return [index.search(v, k) for v in vectors]
+        keep = set(among)
+        depth = k + sum(n not in keep for n in index.keys)
+        return [[(n, s) for n, s in index.search(v, depth) if n in keep][:k] for v in vectors]
 
     def _text_index(self) -> VectorIndex:
         cfg = self.index_config

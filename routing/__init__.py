@@ -1,11 +1,20 @@
 """Routers: given a module's input tokens, which adapters and with what weight (see base.py)."""
 
+from types import SimpleNamespace
+
+from quiver.library.store import ARTIFACT_HANDLERS
+
 from .arrow import Arrow
-from .base import AdapterSource, Router, RoutingDecision, RoutingSite
+from .base import AdapterSource, LearnedRouter, Router, RoutingDecision, RoutingSite
+from .mhr import MHR, Poly
+from .moe import MoEGate
+from .persist import load_router, save_router
+from .retrieval import Retrieval
 from .simple import Fixed, Single, Uniform
 
 # The registry used by configs and the CLI (`router=arrow`): name -> class.
-ROUTERS: dict[str, type[Router]] = {"arrow": Arrow, "uniform": Uniform, "fixed": Fixed, "single": Single}
+ROUTERS: dict[str, type[Router]] = {"arrow": Arrow, "uniform": Uniform, "fixed": Fixed, "single": Single,
+                                    "moe": MoEGate, "retrieval": Retrieval, "mhr": MHR, "poly": Poly}
 
 
 def make_router(name: str, **kwargs) -> Router:
@@ -17,5 +26,8 @@ def make_router(name: str, **kwargs) -> Router:
     return cls(**kwargs)
 
 
-__all__ = ["ROUTERS", "AdapterSource", "Arrow", "Fixed", "Router", "RoutingDecision", "RoutingSite",
-           "Single", "Uniform", "make_router"]
+ARTIFACT_HANDLERS["router"] = SimpleNamespace(load=load_router, save=save_router)
+
+__all__ = ["ROUTERS", "AdapterSource", "Arrow", "Fixed", "LearnedRouter", "MHR", "MoEGate", "Poly", "Retrieval",
+           "Router", "RoutingDecision", "RoutingSite", "Single", "Uniform", "load_router", "make_router",
+           "save_router"]

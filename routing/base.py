@@ -14,6 +14,16 @@ Then, per adapted module and forward pass, :meth:`Router.route` returns
 Per-example routers return the same row for every token of a request. Routers whose decision
 does not depend on the module or on x set ``per_module = False``: the runtime then asks once
 per forward pass and reuses the decision (and the kernel metadata) in every module.
+
+Per-request information (the prompt texts for retrieval, the task names for MHR) reaches a
+router through :meth:`Router.prepare` before a forward or ``generate`` call; ``site.rows`` then
+says which requests the tokens belong to (row i of the batch = request i).
+
+Learned routers (:class:`LearnedRouter`) are also ``nn.Module``s: their parameters train with
+the base model and adapters frozen (gradients reach them through the routing weights), an
+auxiliary loss may be collected during a forward pass (:meth:`Router.aux_loss`), and they save
+to / load from a library as ``router`` artefacts (:func:`quiver.routing.save_router`,
+``Library.get_router``): safetensors of :meth:`state_tensors` plus the JSON :meth:`config`.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass
@@ -89,6 +99,59 @@ class Router:
 
     def route(self, x: Tensor, site: RoutingSite) -> RoutingDecision:  # x: [T, d_in]
         raise NotImplementedError
+
+    def prepare(self, *, prompts: list[str] | None = None, tasks: list[str | None] | None = None) -> None:
+        """Per-request information for the next forward/generate calls (row i = request i).
+
+        Routers that route per token ignore it; per-example routers (retrieval, MHR) need it.
+        """
+
+    def aux_loss(self) -> Tensor | None:
+        """An auxiliary training loss collected since the last call (and reset), or None."""
+        return None
+
+    # -- persistence (learned and configured routers) ------------------------------------------
+    def config(self) -> dict:
+        """JSON-serialisable constructor arguments (without ``adapters``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be saved as a router artefact")
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The router's learned tensors by name (empty for routers that learn nothing)."""
+        return {}
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: dict[str, Tensor], adapters: list[str]) -> Router:
+        """Rebuild a saved router; the inverse of :meth:`config` + :meth:`state_tensors`."""
+        router = cls(adapters=adapters, **config)
+        if tensors:
+            router.load_state_tensors(tensors)
+        return router
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no learned tensors")
+
+
+class LearnedRouter(Router, nn.Module):
+    """A router with trainable parameters (an ``nn.Module``: ``.parameters()``, ``.train()``).
+
+    Subclasses create their parameters in ``__init__`` when the shapes are known, or in
+    :meth:`bind` from the library (module widths, number of adapters). ``state_tensors``
+    defaults to the module's ``state_dict``.
+    """
+
+    def __init__(self, adapters: list[str] | None = None):
+        nn.Module.__init__(self)
+        Router.__init__(self, adapters)
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        return {k: v.detach() for k, v in self.state_dict().items()}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        self.load_state_dict(tensors, strict=True)
+
+    def trainable(self) -> list[nn.Parameter]:
+        """The parameters the training loop updates (default: all of them)."""
+        return [p for p in self.parameters() if p.requires_grad]
 
 
 def _loader(library, name: str):

@@ -32,10 +32,20 @@ def encode_prompts(tok, prompts: list[str], chat_template: bool = True) -> dict:
 
 
 @torch.no_grad()
-def answer(rm: RoutedModel, tok, prompts: list[str], *, routers=None, max_new_tokens: int = 48,
-           do_sample: bool = False, chat_template: bool = True, trace: bool = True,
+def answer(rm: RoutedModel, tok, prompts: list[str], *, routers=None, tasks: list[str | None] | None = None,
+           max_new_tokens: int = 48, do_sample: bool = False, chat_template: bool = True, trace: bool = True,
            **gen_kwargs) -> tuple[list[Answer], Trace | None]:
-    """Answer ``prompts`` in one left-padded batch; with ``trace`` also report adapter shares."""
+    """Answer ``prompts`` in one left-padded batch; with ``trace`` also report adapter shares.
+
+    Every router involved first gets the batch's prompts (and ``tasks``, one name per prompt,
+    for routers that route by task) through ``Router.prepare``.
+    """
+    if tasks is not None and len(tasks) != len(prompts):
+        raise ValueError(f"{len(tasks)} task names for {len(prompts)} prompts")
+    involved = {id(r): r for r in ([rm.router] if routers is None else [r or rm.router for r in routers])}
+    for r in involved.values():
+        rm.bind(r)
+        r.prepare(prompts=list(prompts), tasks=list(tasks) if tasks is not None else None)
     enc = encode_prompts(tok, prompts, chat_template)
     device = next(rm.model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}

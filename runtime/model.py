@@ -214,6 +214,12 @@ class RoutedModel(nn.Module):
             setattr(self.model.get_submodule(parent), leaf, layer)
         self._hook = self.model.register_forward_pre_hook(self._start_step, with_kwargs=True)
 
+    def bind(self, router: Router) -> Router:
+        """Bind ``router`` to this model's library and adapters now (the runtime otherwise binds
+        a router on its first forward); learned routers create their parameters here."""
+        self._rt.bind(router)
+        return router
+
     @property
     def bank(self) -> AdapterBank:
         return self._rt.bank
