@@ -235,13 +235,16 @@ def generate(
     prompt: Annotated[Optional[list[str]], typer.Option(help="A prompt; repeatable.")] = None,
     file: Annotated[Optional[Path], typer.Option(help="JSONL: one string or {\"prompt\": ...} per line.")] = None,
     trace: Annotated[Optional[Path], typer.Option(help="Write routing heatmap PNG(s) and JSON here.")] = None,
+    task: Annotated[Optional[list[str]], typer.Option(
+        help="Task name for routers that route by task (MHR/Poly): once for all prompts, or once per prompt.")] = None,
     library: LibraryOpt = None,
     as_json: JsonOpt = False,
 ):
     """Answer prompts with the base model + library, every token routed (router=arrow by default).
 
     Router overrides: router=arrow router.top_k=2 | router=single router.adapter=sql |
-    router=uniform | router=fixed '+router.weights={a: 0.5, b: 0.5}'.
+    router=uniform | router=fixed '+router.weights={a: 0.5, b: 0.5}' | router=retrieval |
+    router=saved router.name=my-moe (a router trained with `quiver train`).
     """
     import torch
     from hydra.utils import instantiate
@@ -255,9 +258,18 @@ def generate(
     model, tok = load_base_model(cfg.model.name, cache_dir=cfg.model.cache_dir,
                                  dtype=getattr(torch, cfg.model.dtype), device=cfg.model.device)
     g = cfg.generate
-    rm = RoutedModel(model, lib, router=instantiate(cfg.router), capacity=g.capacity, backend=g.backend)
+    if task and len(task) not in (1, len(prompts)):
+        raise ValueError(f"give one --task for all prompts or one per prompt ({len(prompts)}), not {len(task)}")
+    tasks = (task * len(prompts) if len(task) == 1 else list(task)) if task else None
+    if cfg.router.get("kind") == "saved":
+        if not cfg.router.name:
+            raise ValueError("router=saved needs router.name=NAME (see `quiver library show` / Library.artifacts)")
+        router = lib.get_router(cfg.router.name)
+    else:
+        router = instantiate(cfg.router)
+    rm = RoutedModel(model, lib, router=router, capacity=g.capacity, backend=g.backend)
     sampling = dict(temperature=g.temperature, top_p=g.top_p) if g.do_sample else {}
-    answers, tr = answer(rm, tok, prompts, max_new_tokens=g.max_new_tokens, do_sample=g.do_sample,
+    answers, tr = answer(rm, tok, prompts, tasks=tasks, max_new_tokens=g.max_new_tokens, do_sample=g.do_sample,
                          chat_template=g.chat_template, **sampling)
     if trace is not None:
         for i in range(len(prompts)):
@@ -315,7 +327,33 @@ def merge_cmd(ctx: typer.Context, library: LibraryOpt = None, as_json: JsonOpt =
     _print(result, as_json)
 
 
-BENCHMARKS = ("library", "runtime", "kernels", "merging")
+@app.command("train", context_settings=EXTRA)
+def train_cmd(ctx: typer.Context, library: LibraryOpt = None, as_json: JsonOpt = False):
+    """Train a router or an adapter on JSON-lines examples ({"prompt", "answer", "task"}) with
+    the shared loop (seeded AdamW, warm-up, progress bar, checkpoints: train.*).
+
+    quiver train router=moe data=train.jsonl name=my-moe adapters=[a,b,c] router.top_k=2
+    quiver train router=mhr data=few.jsonl name=my-mhr adapters=[a,b,c]   (MHR-z: logits only)
+    quiver train adapter=lora data=train.jsonl name=dates description="ISO dates" adapter.rank=8
+    quiver train adapter=mos data=train.jsonl name=dates-mos
+    quiver train adapter=mhr data=multi.jsonl name=skills adapter.skills=4 adapter.n_splits=2
+    quiver train adapter=mhr_mu data=few.jsonl name=new-task adapters=[skills-0,skills-1]
+
+    Routers are saved in the library as router artefacts (load with Library.get_router),
+    adapters are registered (MoS adapters as "mos" artefacts). A rerun with the same
+    train.checkpoint_dir resumes from its last checkpoint.
+    """
+    from .training.jobs import run_train_job
+
+    cfg = _cfg(ctx)
+    given = {a.split("=", 1)[0].lstrip("+~") for a in ctx.args}
+    if ("router" in given) == ("adapter" in given):
+        raise ValueError("say what to train: router=moe|mhr|poly or adapter=lora|mos|mhr|mhr_mu")
+    lib = _existing(cfg, library)
+    _print(run_train_job(cfg, lib, "adapter" if "adapter" in given else "router"), as_json)
+
+
+BENCHMARKS = ("library", "runtime", "kernels", "merging", "quality")
 
 
 @app.command("bench", context_settings=EXTRA)

@@ -57,6 +57,20 @@ def make_tiny_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def real_model():
+    """SmolLM2-135M-Instruct and its tokenizer, loaded once (tests must leave it as they found it)."""
+    from quiver import load_base_model
+
+    return load_base_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The tiny character-level tokenizer (no chat template)."""
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_model):
     """The tiny Llama and a tiny tokenizer saved as a Hugging Face directory."""
     path = tmp_path_factory.mktemp("tiny-llama")

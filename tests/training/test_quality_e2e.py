@@ -1,0 +1,41 @@
+"""Train -> register -> route -> evaluate on the real model, in miniature (the quality bench's path)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quiver import Library
+from quiver.bench.quality import Settings, evaluate, table, targets
+from quiver.library import BaseModelSpec
+from quiver.tasks import get_task
+from quiver.training import TrainConfig, train_lora
+
+pytestmark = pytest.mark.real_model
+
+
+def test_trained_task_adapters_beat_the_base_model_when_routed(real_model, tmp_path):
+    model, tok = real_model
+    spec = BaseModelSpec.from_model(model)
+    cfg = TrainConfig(steps=10, batch_size=8, lr=3e-3, warmup_steps=2, progress=False)
+    with Library.open(tmp_path / "lib", base_model=spec) as lib:
+        for name in ("date_iso", "uppercase"):
+            train = [e.to_dict() for e in get_task(name).examples("train", 80)]
+            adapter, result = train_lora(model, tok, train, name, rank=4, alpha=8.0, config=cfg)
+            assert result.final_loss < result.history[0]["loss"]
+            lib.add(adapter, description=get_task(name).description)
+        settings = Settings(n_test=6, methods=("base", "oracle", "arrow"), arrow=((1, "merge-after"),),
+                            max_new_tokens=12)
+        report = evaluate(model, tok, lib, ["date_iso", "uppercase"], ["date_us"], settings, log=lambda s: None)
+        assert lib.names() == ["date_iso", "uppercase"]  # nothing left behind
+    res = report["results"]
+    assert list(res) == ["base", "oracle", "arrow-k1"]
+    for name in ("base", "arrow-k1"):
+        assert set(res[name]["per_task"]) == {"date_iso", "uppercase", "date_us"}
+        assert 0 <= res[name]["held_in"] <= 1 and 0 <= res[name]["held_out"] <= 1
+    assert set(res["oracle"]["per_task"]) == {"date_iso", "uppercase"} and res["oracle"]["held_out"] is None
+    # ten steps teach the ISO date format, which the base model does not follow exactly
+    assert res["oracle"]["per_task"]["date_iso"] > res["base"]["per_task"]["date_iso"]
+    share = report["diagnostics"]["arrow-k1"]["own_adapter_share"]
+    assert 0 <= share <= 1
+    assert "| arrow-k1 |" in table(report) and "arrow_within_90pct_of_oracle" not in targets({"base": res["base"]})

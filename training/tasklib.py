@@ -1,0 +1,107 @@
+"""The task library: one LoRA per held-in task of :mod:`quiver.tasks`, trained with the shared
+loop on the base model, written as PEFT directories, and registered into a library with the
+task's description and example prompts.
+
+The recipe (:data:`RECIPE`) is what the shipped adapters in ``tasks/adapters/`` were built with
+(``python -m quiver.training.tasklib --out tasks/adapters``, about 1-2 minutes per adapter on 2
+CPU cores): rank 4 on ``q_proj``/``v_proj`` of all 30 layers, alpha 8, 30 AdamW steps of 8
+examples (lr 3e-3, 3 warm-up steps, linear decay), seed 0, 240 training examples, factors
+stored in bfloat16 (≈ 0.46 MB per adapter). Each directory also holds ``training.json``: the
+recipe, the loss curve, the validation loss and the wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from quiver.library import Library, LoraAdapter, LoraModule, read_peft_dir, write_peft_dir
+from quiver.tasks import HELD_IN, get_task
+
+from .adapter import train_lora
+from .loop import TrainConfig
+
+SHIPPED = Path(__file__).resolve().parents[1] / "tasks" / "adapters"
+RECIPE = dict(rank=4, alpha=8.0, targets=("q_proj", "v_proj"), n_train=240, n_valid=32,
+              train=TrainConfig(steps=30, batch_size=8, lr=3e-3, warmup_steps=3, seed=0))
+
+
+def _bf16(adapter: LoraAdapter) -> LoraAdapter:
+    modules = {p: LoraModule(A=m.A.to(torch.bfloat16), B=m.B.to(torch.bfloat16), alpha=m.alpha)
+               for p, m in adapter.modules.items()}
+    return LoraAdapter(name=adapter.name, base_model=adapter.base_model, modules=modules,
+                       rank=adapter.rank, alpha=adapter.alpha)
+
+
+def build_task_adapters(model, tok, out_dir: str | Path, tasks: Sequence[str] = HELD_IN,
+                        recipe: dict | None = None, progress: bool = True) -> list[Path]:
+    """Train the missing task adapters into ``out_dir/<task>/`` (existing ones are kept)."""
+    r = {**RECIPE, **(recipe or {})}
+    cfg: TrainConfig = r["train"]
+    cfg.progress = progress
+    out, done = Path(out_dir), []
+    for i, name in enumerate(tasks):
+        task = get_task(name)
+        target = out / name
+        if (target / "adapter_model.safetensors").is_file():
+            done.append(target)
+            continue
+        train = [e.to_dict() for e in task.examples("train", r["n_train"])]
+        valid = [e.to_dict() for e in task.examples("validation", r["n_valid"])]
+        print(f"[{i + 1}/{len(tasks)}] training {name} ({cfg.steps} steps)", flush=True)
+        t0 = time.perf_counter()
+        adapter, result = train_lora(model, tok, train, name, targets=r["targets"], rank=r["rank"],
+                                     alpha=r["alpha"], config=cfg, valid=valid)
+        seconds = time.perf_counter() - t0
+        write_peft_dir(_bf16(adapter), target)
+        log = {"task": name, "seconds": round(seconds, 1), "valid_loss": result.evals[-1]["valid_loss"],
+               "loss": [round(h["loss"], 4) for h in result.history],
+               "recipe": {k: (asdict(v) if isinstance(v, TrainConfig) else v) for k, v in r.items()}}
+        (target / "training.json").write_text(json.dumps(log, indent=1))
+        print(f"    {name}: loss {result.history[0]['loss']:.3f} -> {result.final_loss:.3f}, "
+              f"valid {log['valid_loss']:.3f}, {seconds:.0f} s", flush=True)
+        done.append(target)
+    return done
+
+
+def register_task_adapters(lib: Library, adapters_dir: str | Path = SHIPPED,
+                           tasks: Sequence[str] = HELD_IN, n_examples: int = 3) -> list[str]:
+    """Add the task adapters found in ``adapters_dir`` to ``lib`` (skipping names it has),
+    with the task's description and a few training prompts as examples."""
+    added = []
+    for name in tasks:
+        if name in lib:
+            continue
+        d = Path(adapters_dir) / name
+        if not d.is_dir():
+            raise FileNotFoundError(f"no adapter for task {name!r} in {adapters_dir} "
+                                    f"(build them with python -m quiver.training.tasklib --out {adapters_dir})")
+        task = get_task(name)
+        lib.add_peft(d, name, description=task.description,
+                     examples=[e.prompt for e in task.examples("train", n_examples)], tags=["task"])
+        added.append(name)
+    return added
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from quiver.library import load_base_model
+
+    ap = argparse.ArgumentParser(description="Train one LoRA per held-in task (see the module doc).")
+    ap.add_argument("--out", type=Path, default=SHIPPED, help="Directory of PEFT adapter dirs.")
+    ap.add_argument("--tasks", nargs="*", default=list(HELD_IN), help="Tasks to train (default: all held-in).")
+    ap.add_argument("--steps", type=int, default=RECIPE["train"].steps)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    model, tok = load_base_model("smollm2-135m")
+    recipe = {"train": TrainConfig(**{**asdict(RECIPE["train"]), "steps": args.steps})}
+    build_task_adapters(model, tok, args.out, args.tasks, recipe)
+
+
+if __name__ == "__main__":
+    main()
