@@ -14,9 +14,9 @@ from quiver.runtime import answer
 pytestmark = pytest.mark.real_model
 
 
-@pytest.fixture(scope="module")
-def smol():
-    return load_base_model("smollm2-135m")
+@pytest.fixture
+def smol(real_model):
+    return real_model
 
 
 @torch.no_grad()
@@ -47,12 +47,14 @@ def test_routed_generation_on_smollm2(smol, tmp_path):
 
 
 def test_demo_main_job_builds_its_library_and_answers(tmp_path, capsys):
-    from quiver.demo import DEMO_ADAPTERS, run_demo
+    from quiver.demo import demo_prompts, run_demo
+    from quiver.tasks import HELD_IN
 
-    run_demo(library=tmp_path / "demo", prompts=["Convert March 5th, 2021 to ISO format."], max_new_tokens=4)
+    run_demo(library=tmp_path / "demo", prompts=["Convert March 5, 2021 to ISO format."], max_new_tokens=4)
     out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
-    assert f"{len(DEMO_ADAPTERS)} adapters for smollm2-135m" in out
-    assert "> Convert March 5th, 2021 to ISO format." in out
-    assert "adapters carrying its tokens:" in out and "best description match: dates" in out
+    assert f"{len(HELD_IN)} adapters for smollm2-135m" in out
+    assert "> Convert March 5, 2021 to ISO format." in out
+    assert "adapters carrying its tokens:" in out and "best description match: date_iso" in out
     with Library.open(tmp_path / "demo") as lib:
-        assert sorted(lib.names()) == sorted(DEMO_ADAPTERS) and lib.verify().ok
+        assert sorted(lib.names()) == sorted(HELD_IN) and lib.verify().ok
+    assert len(demo_prompts()) == 4
