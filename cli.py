@@ -287,8 +287,8 @@ def generate(
 def merge_cmd(ctx: typer.Context, library: LibraryOpt = None, as_json: JsonOpt = False):
     """Merge library adapters into one LoRA (registered) or into the base weights (a checkpoint).
 
-    quiver merge merge=ties merge.density=0.2 adapters=[a,b,c] output=lora output.name=abc
-    quiver merge merge=pcb adapters=[a,b] output=checkpoint output.path=./merged-model
+    quiver merge merge=ties merge.density=0.2 adapters=\\[a,b,c] output=lora output.name=abc
+    quiver merge merge=pcb adapters=\\[a,b] output=checkpoint output.path=./merged-model
     Methods: conf/merge/*.yaml (linear, task_arithmetic, ties, dare_linear, dare_ties,
     breadcrumbs, pcb, magnitude_prune); any key overridable as merge.KEY=VALUE.
     """
@@ -329,19 +329,19 @@ def merge_cmd(ctx: typer.Context, library: LibraryOpt = None, as_json: JsonOpt =
 
 @app.command("train", context_settings=EXTRA)
 def train_cmd(ctx: typer.Context, library: LibraryOpt = None, as_json: JsonOpt = False):
-    """Train a router or an adapter on JSON-lines examples ({"prompt", "answer", "task"}) with
-    the shared loop (seeded AdamW, warm-up, progress bar, checkpoints: train.*).
+    """Train a router or an adapter on JSON-lines examples {"prompt", "answer", "task"}
+    with the shared loop (seeded AdamW, warm-up, progress bar, checkpoints: train.*).
 
-    quiver train router=moe data=train.jsonl name=my-moe adapters=[a,b,c] router.top_k=2
-    quiver train router=mhr data=few.jsonl name=my-mhr adapters=[a,b,c]   (MHR-z: logits only)
-    quiver train adapter=lora data=train.jsonl name=dates description="ISO dates" adapter.rank=8
+    quiver train router=moe data=train.jsonl name=my-moe adapters=\\[a,b,c] router.top_k=2
+    quiver train router=mhr data=few.jsonl name=my-mhr   (MHR-z: the logits only)
+    quiver train adapter=lora data=train.jsonl name=dates description="ISO dates"
     quiver train adapter=mos data=train.jsonl name=dates-mos
-    quiver train adapter=mhr data=multi.jsonl name=skills adapter.skills=4 adapter.n_splits=2
-    quiver train adapter=mhr_mu data=few.jsonl name=new-task adapters=[skills-0,skills-1]
+    quiver train adapter=mhr data=multi.jsonl name=skills adapter.skills=4
+    quiver train adapter=mhr_mu data=few.jsonl name=new adapters=\\[skills-0,skills-1]
 
-    Routers are saved in the library as router artefacts (load with Library.get_router),
-    adapters are registered (MoS adapters as "mos" artefacts). A rerun with the same
-    train.checkpoint_dir resumes from its last checkpoint.
+    Routers are saved in the library as router artefacts (Library.get_router);
+    adapters are registered (MoS adapters as "mos" artefacts). A rerun with the
+    same train.checkpoint_dir resumes from its last checkpoint.
     """
     from .training.jobs import run_train_job
 

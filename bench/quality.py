@@ -50,6 +50,8 @@ class Settings:
     n_test: int = 6
     shots: int = 4  # training examples per task for the MoE gate and MHR-z
     router_steps: int = 30
+    moe_lr: float = 5e-2
+    mhr_lr: float = 0.2  # MHR-z logits start at 0 (uniform) and must move by units to concentrate
     batch_size: int = 32
     max_new_tokens: int = 16
     arrow: tuple = tuple(ARROW)
@@ -152,7 +154,9 @@ def evaluate(model, tok, lib: Library, held_in: Sequence[str], held_out: Sequenc
         r = results[name]
         log(f"  {name:<16} held-in {r['held_in']:.3f}  held-out {_fmt(r['held_out'])}  ({r['seconds']} s)")
 
-    train_cfg = TrainConfig(steps=settings.router_steps, batch_size=8, lr=5e-2, warmup_steps=3, progress=False)
+    def train_cfg(lr: float) -> TrainConfig:
+        return TrainConfig(steps=settings.router_steps, batch_size=8, lr=lr, warmup_steps=3, progress=False)
+
     shots = _few_shot(tasks, settings.shots)
     for method in settings.methods:
         t0 = time.perf_counter()
@@ -184,14 +188,14 @@ def evaluate(model, tok, lib: Library, held_in: Sequence[str], held_out: Sequenc
             diagnostics["retrieval"] = _routing_stats(items, answers, held_in)
         elif method == "moe":
             gate = MoEGate(top_k=2, adapters=list(held_in), init="arrow")
-            train_router(rm, gate, tok, shots, config=train_cfg)
+            train_router(rm, gate, tok, shots, config=train_cfg(settings.moe_lr))
             gate.eval()
             answers = _answer_all(rm, tok, items, settings, lambda it: gate, trace=True)
             record("moe", answers, t0)
             diagnostics["moe"] = _routing_stats(items, answers, held_in)
         elif method == "mhr-z":
             mhr = MHR(tasks=tasks, adapters=list(held_in))
-            train_router(rm, mhr, tok, shots, config=train_cfg)
+            train_router(rm, mhr, tok, shots, config=train_cfg(settings.mhr_lr))
             mhr.eval()
             record("mhr-z", _answer_all(rm, tok, items, settings, lambda it: mhr, prepare_tasks=True), t0)
         else:

@@ -5,23 +5,28 @@ task's description and example prompts.
 The recipe (:data:`RECIPE`) is what the shipped adapters in ``tasks/adapters/`` were built with
 (``python -m quiver.training.tasklib --out tasks/adapters``, about 1-2 minutes per adapter on 2
 CPU cores): rank 4 on ``q_proj``/``v_proj`` of all 30 layers, alpha 8, 30 AdamW steps of 8
-examples (lr 3e-3, 3 warm-up steps, linear decay), seed 0, 240 training examples, factors
-stored in bfloat16 (≈ 0.46 MB per adapter). Each directory also holds ``training.json``: the
-recipe, the loss curve, the validation loss and the wall time.
+examples (lr 3e-3, 3 warm-up steps, linear decay), 240 training examples, factors stored in
+bfloat16 (≈ 0.46 MB per adapter). Each task trains with its own seed (``crc32(task name)``),
+which sets A's random initialisation and the data order: with one seed for all, every adapter
+starts from the same A, and after a short training their ΔW share one row space, so Arrow's
+prototypes (which live in that row space) could not tell the adapters apart. Each directory
+also holds ``training.json``: the recipe, the loss curve, the validation loss and the wall time.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from quiver.library import Library, LoraAdapter, LoraModule, read_peft_dir, write_peft_dir
+from quiver.library import BaseModelRef, Library, LoraAdapter, LoraModule, read_peft_dir, write_peft_dir
 from quiver.tasks import HELD_IN, get_task
 
 from .adapter import train_lora
@@ -29,7 +34,7 @@ from .loop import TrainConfig
 
 SHIPPED = Path(__file__).resolve().parents[1] / "tasks" / "adapters"
 RECIPE = dict(rank=4, alpha=8.0, targets=("q_proj", "v_proj"), n_train=240, n_valid=32,
-              train=TrainConfig(steps=30, batch_size=8, lr=3e-3, warmup_steps=3, seed=0))
+              train=TrainConfig(steps=30, batch_size=8, lr=3e-3, warmup_steps=3))
 
 
 def _bf16(adapter: LoraAdapter) -> LoraAdapter:
@@ -39,15 +44,19 @@ def _bf16(adapter: LoraAdapter) -> LoraAdapter:
                        rank=adapter.rank, alpha=adapter.alpha)
 
 
+def task_seed(name: str) -> int:
+    """The training seed of a task's adapter: stable across processes and task orders."""
+    return zlib.crc32(name.encode())
+
+
 def build_task_adapters(model, tok, out_dir: str | Path, tasks: Sequence[str] = HELD_IN,
                         recipe: dict | None = None, progress: bool = True) -> list[Path]:
     """Train the missing task adapters into ``out_dir/<task>/`` (existing ones are kept)."""
     r = {**RECIPE, **(recipe or {})}
-    cfg: TrainConfig = r["train"]
-    cfg.progress = progress
     out, done = Path(out_dir), []
     for i, name in enumerate(tasks):
         task = get_task(name)
+        cfg = dataclasses.replace(r["train"], seed=task_seed(name), progress=progress)
         target = out / name
         if (target / "adapter_model.safetensors").is_file():
             done.append(target)
@@ -62,7 +71,7 @@ def build_task_adapters(model, tok, out_dir: str | Path, tasks: Sequence[str] = 
         write_peft_dir(_bf16(adapter), target)
         log = {"task": name, "seconds": round(seconds, 1), "valid_loss": result.evals[-1]["valid_loss"],
                "loss": [round(h["loss"], 4) for h in result.history],
-               "recipe": {k: (asdict(v) if isinstance(v, TrainConfig) else v) for k, v in r.items()}}
+               "recipe": {k: (asdict(v) if isinstance(v, TrainConfig) else v) for k, v in {**r, "train": cfg}.items()}}
         (target / "training.json").write_text(json.dumps(log, indent=1))
         print(f"    {name}: loss {result.history[0]['loss']:.3f} -> {result.final_loss:.3f}, "
               f"valid {log['valid_loss']:.3f}, {seconds:.0f} s", flush=True)
@@ -72,21 +81,24 @@ def build_task_adapters(model, tok, out_dir: str | Path, tasks: Sequence[str] = 
 
 def register_task_adapters(lib: Library, adapters_dir: str | Path = SHIPPED,
                            tasks: Sequence[str] = HELD_IN, n_examples: int = 3) -> list[str]:
-    """Add the task adapters found in ``adapters_dir`` to ``lib`` (skipping names it has),
-    with the task's description and a few training prompts as examples."""
-    added = []
+    """Add the task adapters found in ``adapters_dir`` to ``lib`` with the task's description
+    and a few training prompts as examples; an adapter the library holds in another version
+    (e.g. after a rebuild) is replaced. Returns the names added or replaced."""
+    spec = lib.base
+    changed = []
     for name in tasks:
-        if name in lib:
-            continue
         d = Path(adapters_dir) / name
         if not d.is_dir():
             raise FileNotFoundError(f"no adapter for task {name!r} in {adapters_dir} "
                                     f"(build them with python -m quiver.training.tasklib --out {adapters_dir})")
+        adapter = read_peft_dir(d, name, BaseModelRef(spec.id, spec.fingerprint))
+        if name in lib and lib.info(name).blob == adapter.content_hash():
+            continue
         task = get_task(name)
-        lib.add_peft(d, name, description=task.description,
-                     examples=[e.prompt for e in task.examples("train", n_examples)], tags=["task"])
-        added.append(name)
-    return added
+        lib.add(adapter, name, description=task.description, replace=True, tags=["task"],
+                examples=[e.prompt for e in task.examples("train", n_examples)])
+        changed.append(name)
+    return changed
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -97,7 +109,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--tasks", nargs="*", default=list(HELD_IN), help="Tasks to train (default: all held-in).")
     ap.add_argument("--steps", type=int, default=RECIPE["train"].steps)
     args = ap.parse_args(argv)
-    torch.manual_seed(0)
     model, tok = load_base_model("smollm2-135m")
     recipe = {"train": TrainConfig(**{**asdict(RECIPE["train"]), "steps": args.steps})}
     build_task_adapters(model, tok, args.out, args.tasks, recipe)
