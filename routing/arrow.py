@@ -46,6 +46,9 @@ class Arrow(Router):
         self._present: dict[str, Tensor] = {}  # module path -> bool [E]
         self._on_device: dict[tuple, tuple[Tensor, Tensor]] = {}
 
+    def config(self) -> dict:
+        return {"top_k": self.top_k, "temperature": self.temperature, "mode": self.mode, "general": self.general}
+
     def bind(self, library, universe: list[str]) -> list[AdapterSource]:
         if self.adapters is None:
             self.adapters = [n for n in universe if n not in self.general]
