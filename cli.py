@@ -210,8 +210,10 @@ def library_cluster(ctx: typer.Context, k: Annotated[Optional[int], typer.Option
     print(text)
 
 
-def _read_prompts(prompt: list[str] | None, file: Path | None) -> list[str]:
+def _read_prompts(prompt: list[str] | None, file: Path | None) -> tuple[list[str], list[str | None]]:
+    """Prompts from --prompt and --file, with each one's task name (a "task" field in the file)."""
     prompts = list(prompt or [])
+    tasks: list[str | None] = [None] * len(prompts)
     if file is not None:
         for n, line in enumerate(file.read_text().splitlines(), 1):
             if not line.strip():
@@ -223,17 +225,22 @@ def _read_prompts(prompt: list[str] | None, file: Path | None) -> list[str]:
             text = item.get("prompt") if isinstance(item, dict) else item
             if not isinstance(text, str):
                 raise ValueError(f"{file}:{n}: expected a string or an object with a \"prompt\" string")
+            task = item.get("task") if isinstance(item, dict) else None
+            if task is not None and not isinstance(task, str):
+                raise ValueError(f"{file}:{n}: \"task\" must be a string")
             prompts.append(text)
+            tasks.append(task)
     if not prompts:
         raise ValueError("give at least one --prompt or a --file of prompts")
-    return prompts
+    return prompts, tasks
 
 
 @app.command("generate", context_settings=EXTRA)
 def generate(
     ctx: typer.Context,
     prompt: Annotated[Optional[list[str]], typer.Option(help="A prompt; repeatable.")] = None,
-    file: Annotated[Optional[Path], typer.Option(help="JSONL: one string or {\"prompt\": ...} per line.")] = None,
+    file: Annotated[Optional[Path], typer.Option(
+        help="JSONL: one string or {\"prompt\": ..., \"task\": ...} per line (task: for MHR/Poly).")] = None,
     trace: Annotated[Optional[Path], typer.Option(help="Write routing heatmap PNG(s) and JSON here.")] = None,
     task: Annotated[Optional[list[str]], typer.Option(
         help="Task name for routers that route by task (MHR/Poly): once for all prompts, or once per prompt.")] = None,
@@ -253,14 +260,17 @@ def generate(
     from .runtime import RoutedModel, answer
 
     cfg = _cfg(ctx)
-    prompts = _read_prompts(prompt, file)
+    prompts, file_tasks = _read_prompts(prompt, file)
     lib = _existing(cfg, library)
     model, tok = load_base_model(cfg.model.name, cache_dir=cfg.model.cache_dir,
                                  dtype=getattr(torch, cfg.model.dtype), device=cfg.model.device)
     g = cfg.generate
     if task and len(task) not in (1, len(prompts)):
         raise ValueError(f"give one --task for all prompts or one per prompt ({len(prompts)}), not {len(task)}")
-    tasks = (task * len(prompts) if len(task) == 1 else list(task)) if task else None
+    if task:
+        tasks = task * len(prompts) if len(task) == 1 else list(task)
+    else:
+        tasks = file_tasks if any(t is not None for t in file_tasks) else None
     if cfg.router.get("kind") == "saved":
         if not cfg.router.name:
             raise ValueError("router=saved needs router.name=NAME (see `quiver library show` / Library.artifacts)")

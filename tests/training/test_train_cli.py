@@ -95,6 +95,18 @@ def test_train_routers_then_generate_with_the_saved_ones(setup, tiny_spec):
     r = invoke("generate", *gen, "--prompt", "what is 1 plus 2?", "--prompt", "what is 3 plus 1?",
                "--task", "add1", "router=saved", "router.name=mhr")
     assert r.exit_code == 0, r.output
+    by_flag = json.loads(r.stdout)
+    prompts = lib.parent / "prompts.jsonl"
+    prompts.write_text('{"prompt": "what is 1 plus 2?", "task": "add1"}\n{"prompt": "what is 3 plus 1?", "task": "add1"}\n')
+    r = invoke("generate", *gen, "--file", prompts, "router=saved", "router.name=mhr")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == by_flag  # tasks from the file route like --task
+    prompts.write_text('{"prompt": "what is 1 plus 2?", "task": "add0"}\n{"prompt": "what is 3 plus 1?", "task": "add0"}\n')
+    r = invoke("generate", *gen, "--file", prompts, "router=saved", "router.name=mhr")
+    assert json.loads(r.stdout)[0]["adapters"] != by_flag[0]["adapters"]  # another task, other weights
+    prompts.write_text('{"prompt": "x", "task": 3}\n')
+    r = invoke("generate", *gen, "--file", prompts, "router=saved", "router.name=mhr")
+    assert '"task" must be a string' in str(r.exception)
     r = invoke("generate", *gen, "--prompt", "a", "--task", "x", "--task", "y", "--task", "z", "router=saved",
                "router.name=mhr")
     assert "one --task for all prompts" in str(r.exception)
