@@ -21,14 +21,20 @@ class Answer:
         return list(self.adapter_share.items())[:n]
 
 
-def encode_prompts(tok, prompts: list[str], chat_template: bool = True) -> dict:
+def render_prompts(tok, prompts: list[str], chat_template: bool = True) -> list[str]:
+    """The prompts as the model reads them: in the tokenizer's chat template with a generation
+    prompt when ``chat_template`` and the tokenizer has one. Tokenize them with
+    ``add_special_tokens=not chat_template``; training renders its prompts the same way."""
     if chat_template and getattr(tok, "chat_template", None):
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                         add_generation_prompt=True) for p in prompts]
-    else:
-        texts = list(prompts)
+        return [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                        add_generation_prompt=True) for p in prompts]
+    return list(prompts)
+
+
+def encode_prompts(tok, prompts: list[str], chat_template: bool = True) -> dict:
     tok.padding_side = "left"
-    return tok(texts, return_tensors="pt", padding=True, add_special_tokens=not chat_template)
+    return tok(render_prompts(tok, prompts, chat_template), return_tensors="pt", padding=True,
+               add_special_tokens=not chat_template)
 
 
 @torch.no_grad()

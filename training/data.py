@@ -2,7 +2,7 @@
 
 An example is a mapping with ``prompt`` and ``answer`` (and optionally ``task``), as in the
 JSON-lines files ``quiver train data=...`` reads. The prompt is rendered exactly as inference
-renders it (:func:`quiver.runtime.answer.encode_prompts`: the tokenizer's chat template with a
+renders it (:func:`quiver.runtime.answer.render_prompts`: the tokenizer's chat template with a
 generation prompt, when it has one); the target is the answer followed by the end-of-sequence
 token, so a trained adapter learns to stop. The loss is the mean cross-entropy over target
 tokens only (prompt and padding are masked with -100).
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from quiver.runtime.answer import render_prompts
 from quiver.tasks import read_jsonl
 
 IGNORE = -100
@@ -35,21 +36,14 @@ def read_examples(path: str | Path, require_task: bool = False) -> list[dict]:
     return out
 
 
-def prompt_text(tok, prompt: str, chat_template: bool = True) -> str:
-    if chat_template and getattr(tok, "chat_template", None):
-        return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                       add_generation_prompt=True)
-    return prompt
-
-
 def encode_examples(tok, examples: Sequence[Mapping], chat_template: bool = True,
                     max_length: int = 256, device=None) -> dict[str, Tensor]:
     """``input_ids``, ``attention_mask``, ``labels`` ``[B, L]`` (right-padded; labels on the
     answer + EOS only). Longer examples are cut from the left of the prompt to ``max_length``."""
     rows = []
-    special = not (chat_template and getattr(tok, "chat_template", None))
-    for ex in examples:
-        p = tok(prompt_text(tok, ex["prompt"], chat_template), add_special_tokens=special)["input_ids"]
+    texts = render_prompts(tok, [ex["prompt"] for ex in examples], chat_template)
+    for text, ex in zip(texts, examples):
+        p = tok(text, add_special_tokens=not chat_template)["input_ids"]
         a = tok(ex["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         ids = (p + a)[-max_length:]
         labels = ([IGNORE] * len(p) + a)[-max_length:]
