@@ -215,19 +215,15 @@ def _read_prompts(prompt: list[str] | None, file: Path | None) -> tuple[list[str
     prompts = list(prompt or [])
     tasks: list[str | None] = [None] * len(prompts)
     if file is not None:
-        for n, line in enumerate(file.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file}:{n}: not JSON ({e})") from None
+        from .tasks import iter_jsonl
+
+        for n, item in iter_jsonl(file):
             text = item.get("prompt") if isinstance(item, dict) else item
             if not isinstance(text, str):
-                raise ValueError(f"{file}:{n}: expected a string or an object with a \"prompt\" string")
+                raise ValueError(f"{file}, line {n}: expected a string or an object with a \"prompt\" string")
             task = item.get("task") if isinstance(item, dict) else None
             if task is not None and not isinstance(task, str):
-                raise ValueError(f"{file}:{n}: \"task\" must be a string")
+                raise ValueError(f"{file}, line {n}: \"task\" must be a string")
             prompts.append(text)
             tasks.append(task)
     if not prompts:

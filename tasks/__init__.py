@@ -14,10 +14,10 @@ keeps the prediction's first line, collapses whitespace and drops one trailing p
 """
 
 from .base import SPLITS, Example, Task, split_of
-from .jsonl import export, read_jsonl, write_jsonl
+from .jsonl import export, iter_jsonl, read_jsonl, write_jsonl
 from .metrics import exact_match, exact_match_ci, normalize
 from .suite import HELD_IN, HELD_OUT, TASKS, get_task
 
 __all__ = ["HELD_IN", "HELD_OUT", "SPLITS", "TASKS", "Example", "Task", "exact_match",
-           "exact_match_ci", "export", "get_task", "normalize", "read_jsonl", "split_of",
+           "exact_match_ci", "export", "get_task", "iter_jsonl", "normalize", "read_jsonl", "split_of",
            "write_jsonl"]

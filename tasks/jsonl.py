@@ -6,7 +6,7 @@ Extra keys (``input`` for generated examples) are kept. Blank lines are skipped 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from .base import Example
@@ -35,28 +35,34 @@ def write_jsonl(path: str | Path, examples: Iterable[Example | Mapping]) -> int:
     return count
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSON-lines file of examples; a bad line raises ``ValueError`` naming it."""
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
+    """``(line number, parsed value)`` for each non-blank line; a line that is not JSON raises
+    ``ValueError`` naming it."""
     path = Path(path)
-    records = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}, line {lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got "
-                                 f"{type(record).__name__}")
-            missing = [key for key in REQUIRED_KEYS if key not in record]
-            if missing:
-                raise ValueError(f"{path}, line {lineno}: missing key(s) {', '.join(missing)}")
-            for key in REQUIRED_KEYS:
-                if not isinstance(record[key], str):
-                    raise ValueError(f"{path}, line {lineno}: {key!r} must be a string")
-            records.append(record)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSON-lines file of examples; a bad line raises ``ValueError`` naming it."""
+    records = []
+    for lineno, record in iter_jsonl(path):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {lineno}: expected a JSON object, got "
+                             f"{type(record).__name__}")
+        missing = [key for key in REQUIRED_KEYS if key not in record]
+        if missing:
+            raise ValueError(f"{path}, line {lineno}: missing key(s) {', '.join(missing)}")
+        for key in REQUIRED_KEYS:
+            if not isinstance(record[key], str):
+                raise ValueError(f"{path}, line {lineno}: {key!r} must be a string")
+        records.append(record)
     return records
 
 
