@@ -55,18 +55,19 @@ class BaseModelSpec:
 
     @classmethod
     def from_model(cls, model: nn.Module, model_id: str | None = None) -> BaseModelSpec:
-        linears = {
-            name: (mod.out_features, mod.in_features)
-            for name, mod in model.named_modules()
-            if isinstance(mod, nn.Linear)
-        }
         first = next(model.parameters())
         return cls(
             id=model_id or model_id_of(model),
             fingerprint=fingerprint(model),
             dtype=str(first.dtype).removeprefix("torch."),
-            linears=linears,
+            linears=linear_shapes(model),
         )
+
+
+def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{module path: (d_out, d_in)}`` of every ``nn.Linear`` in ``model``."""
+    return {name: (mod.out_features, mod.in_features) for name, mod in model.named_modules()
+            if isinstance(mod, nn.Linear)}
 
 
 def model_id_of(model: nn.Module) -> str:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from quiver.library.adapter import BaseModelRef, LoraAdapter, LoraModule
-from quiver.library.base_model import fingerprint, model_id_of
+from quiver.library.base_model import fingerprint, linear_shapes, model_id_of
 
 FACTORS = ("A", "B")
 _FORMAT = 1
@@ -187,8 +187,7 @@ class MoSAdapter(nn.Module):
     def for_model(cls, model: nn.Module, config: MoSConfig = MoSConfig(),
                   targets: Sequence[str] = ("q_proj", "v_proj"), name: str = "mos") -> MoSAdapter:
         """An adapter over ``model``'s ``nn.Linear`` layers whose last name is in ``targets``."""
-        modules = {path: (m.out_features, m.in_features) for path, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and projection(path) in targets}
+        modules = {path: shape for path, shape in linear_shapes(model).items() if projection(path) in targets}
         if not modules:
             raise ValueError(f"no nn.Linear of the model matches targets {list(targets)}")
         return cls(modules, config, BaseModelRef(model_id_of(model), fingerprint(model)), name)

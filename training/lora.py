@@ -25,16 +25,15 @@ import torch
 from torch import Tensor, nn
 
 from quiver.library import BaseModelRef, LoraAdapter, LoraModule, fingerprint
-from quiver.library.base_model import model_id_of
+from quiver.library.base_model import linear_shapes, model_id_of
 
 
 def target_paths(model: nn.Module, targets: Sequence[str]) -> list[str]:
     """Full paths of the ``nn.Linear`` modules whose last name is in ``targets`` (or that equal
     a full path in ``targets``), sorted; a clear error when nothing matches."""
     wanted = set(targets)
-    paths = sorted(n for n, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and (n in wanted or n.rsplit(".", 1)[-1] in wanted)
-                   and not n.endswith("lm_head"))
+    paths = sorted(n for n in linear_shapes(model)
+                   if (n in wanted or n.rsplit(".", 1)[-1] in wanted) and not n.endswith("lm_head"))
     if not paths:
         raise ValueError(f"no nn.Linear in the model matches target modules {sorted(wanted)}")
     return paths
