@@ -7,14 +7,7 @@ import torch
 
 from quiver.library.adapter import BaseModelRef, LoraAdapter, LoraModule
 
-TINY_LLAMA = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-)
+TINY_LAYERS = 2  # the shared tiny Llama of tests/conftest.py (hidden 32, MLP 64, 4 heads / 2 KV heads)
 PROJECTIONS = {  # short name -> (d_out, d_in) in the tiny Llama (head_dim 8, 2 KV heads)
     "self_attn.q_proj": (32, 32),
     "self_attn.k_proj": (16, 32),
@@ -26,7 +19,7 @@ PROJECTIONS = {  # short name -> (d_out, d_in) in the tiny Llama (head_dim 8, 2 
 }
 TINY_MODULES = {
     f"model.layers.{layer}.{proj}": shape
-    for layer in range(TINY_LLAMA["num_hidden_layers"])
+    for layer in range(TINY_LAYERS)
     for proj, shape in PROJECTIONS.items()
 }
 BASE = BaseModelRef(id="tiny-llama", fingerprint="f" * 64)
@@ -68,16 +61,6 @@ def tiny_modules() -> dict[str, tuple[int, int]]:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    """A random tiny Llama saved with ``save_pretrained``, plus a word-level tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).save_pretrained(path)
-    vocab = {f"w{i}": i for i in range(TINY_LLAMA["vocab_size"] - 1)} | {"[UNK]": 127}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(path)
-    return path
+def tiny_llama_dir(tiny_model_dir) -> Path:
+    """The shared tiny Llama (``tiny_model_dir``) saved with its tokenizer."""
+    return tiny_model_dir
