@@ -1,57 +1,134 @@
 """The one entry point, ``mixture_lora``, and its explicit registry of backends.
 
-Every backend is a function ``(x [T, d_in], bank, indices [T, k], weights [T, k], meta) ->
-delta [T, d_out]`` that trusts its inputs; ``mixture_lora`` validates them once, here. The
-Triton backend is imported on first use, so CPU-only installs never import triton.
+Two mixing modes (the adapter scaling is folded into B; index -1 = no adapter):
+
+    merge-after   delta[t] = Σ_j w[t,j] · B_{e_j} A_{e_j} x[t]              (mix the outputs)
+    merge-before  delta[t] = (Σ_j w[t,j] B_{e_j}) (Σ_j w[t,j] A_{e_j}) x[t]  (mix the factors)
+
+Every backend is a :class:`Backend`: one function per mode it implements, ``(x [T, d_in], bank,
+indices [T, k], weights [T, k], meta) -> delta [T, d_out]``, trusting its inputs, plus what it
+*declares* it supports: devices, dtypes and autograd. ``mixture_lora`` validates the inputs
+once, here, and the dispatcher picks by those declarations: ``auto`` takes the first backend of
+the mode's preference list that supports the call; a backend named explicitly that does not
+support it is refused with a message saying why. Every registered backend gives the
+reference's gradients for x, the gate weights and the factors (tested); a backend without
+autograd would declare ``autograd=False`` and never be chosen when a gradient is needed.
+The Triton backend is imported on first use, so CPU-only installs never import triton.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from .bank import LoraBank
+from .merge_before import mixture_lora_merge_before, mixture_lora_merge_before_reference
 from .meta import MixtureMeta, build_meta
 from .torch_ref import mixture_lora_gather, mixture_lora_grouped, mixture_lora_reference
 
-Backend = Callable[[Tensor, LoraBank, Tensor, Tensor, MixtureMeta | None], Tensor]
+Impl = Callable[[Tensor, LoraBank, Tensor, Tensor, MixtureMeta | None], Tensor]
+MODES = ("merge-after", "merge-before")
+FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
 
 
-def _reference(x: Tensor, bank: LoraBank, indices: Tensor, weights: Tensor, meta: MixtureMeta | None) -> Tensor:
+def _triton_device(device: torch.device) -> bool:
+    """CUDA, or the CPU under Triton's interpreter (TRITON_INTERPRET=1 before importing triton)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the mixture and what it supports."""
+
+    impls: dict[str, Impl]  # mode -> function
+    devices: Callable[[torch.device], bool]
+    dtypes: frozenset[torch.dtype]
+    autograd: bool
+    device_note: str  # for the refusal message
+
+    def refusal(self, x: Tensor, mode: str, needs_grad: bool) -> str | None:
+        """Why this backend cannot run the call, or None."""
+        if mode not in self.impls:
+            return f"does not implement {mode} (it implements {', '.join(self.impls)})"
+        if not self.devices(x.device):
+            return f"does not run on {x.device.type} ({self.device_note})"
+        if x.dtype not in self.dtypes:
+            return f"does not support {x.dtype}"
+        if needs_grad and not self.autograd:
+            return "has no backward, and this call needs gradients"
+        return None
+
+
+def _reference(x, bank, indices, weights, meta):
     return mixture_lora_reference(x, bank, indices, weights)
 
 
-def _gather(x: Tensor, bank: LoraBank, indices: Tensor, weights: Tensor, meta: MixtureMeta | None) -> Tensor:
+def _gather(x, bank, indices, weights, meta):
     return mixture_lora_gather(x, bank, indices, weights)
 
 
-def _grouped(x: Tensor, bank: LoraBank, indices: Tensor, weights: Tensor, meta: MixtureMeta | None) -> Tensor:
+def _grouped(x, bank, indices, weights, meta):
     return mixture_lora_grouped(x, bank, meta or build_meta(indices, weights, bank.num_adapters))
 
 
-def _triton(x: Tensor, bank: LoraBank, indices: Tensor, weights: Tensor, meta: MixtureMeta | None) -> Tensor:
+def _triton(x, bank, indices, weights, meta):
     from .triton_mixture import mixture_lora_triton
 
     return mixture_lora_triton(x, bank, meta or build_meta(indices, weights, bank.num_adapters))
 
 
-BACKENDS: dict[str, Backend] = {"reference": _reference, "gather": _gather, "grouped": _grouped, "triton": _triton}
+def _merge_before_reference(x, bank, indices, weights, meta):
+    return mixture_lora_merge_before_reference(x, bank, indices, weights)
 
-# At or below this many routed slots (T·k) a call is "small" (decoding): the gather backend's
+
+def _merge_before_grouped(x, bank, indices, weights, meta):
+    return mixture_lora_merge_before(x, bank, meta or build_meta(indices, weights, bank.num_adapters))
+
+
+_ANY = lambda device: True  # noqa: E731
+BACKENDS: dict[str, Backend] = {
+    "reference": Backend({"merge-after": _reference, "merge-before": _merge_before_reference},
+                         _ANY, FLOATS, autograd=True, device_note="any device"),
+    "gather": Backend({"merge-after": _gather}, _ANY, FLOATS, autograd=True, device_note="any device"),
+    "grouped": Backend({"merge-after": _grouped, "merge-before": _merge_before_grouped},
+                       _ANY, FLOATS, autograd=True, device_note="any device"),
+    "triton": Backend({"merge-after": _triton}, _triton_device,
+                      frozenset({torch.float32, torch.float16, torch.bfloat16}), autograd=True,
+                      device_note="it runs on cuda, or on cpu under TRITON_INTERPRET=1"),
+}
+
+# At or below this many routed slots (T·k) a call is "small" (decoding): a gathering backend's
 # few launches beat building metadata and looping over adapters, on CPU and GPU alike.
 SMALL_SLOTS = 32
 
 
-def pick_backend(x: Tensor, slots: int | None = None) -> str:
-    """``auto``: gather for small calls (``slots`` = T·k <= SMALL_SLOTS), else Triton for CUDA
-    tensors when triton is installed, else the grouped torch path."""
-    if slots is not None and slots <= SMALL_SLOTS:
-        return "gather"
-    if x.is_cuda and importlib.util.find_spec("triton") is not None:
-        return "triton"
-    return "grouped"
+def preference(x: Tensor, slots: int, mode: str = "merge-after") -> list[str]:
+    """The order ``auto`` tries backends in: gathering for small calls (``slots`` = T·k <=
+    SMALL_SLOTS), else Triton on CUDA, else the grouped torch path; the reference last."""
+    if mode == "merge-before":
+        return ["reference", "grouped"] if slots <= SMALL_SLOTS else ["grouped", "reference"]
+    if slots <= SMALL_SLOTS:
+        return ["gather", "grouped", "reference"]
+    return (["triton"] if x.is_cuda else []) + ["grouped", "reference"]
+
+
+def needs_grad(x: Tensor, bank: LoraBank, weights: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (x, bank.A, bank.B, weights))
+
+
+def pick_backend(x: Tensor, slots: int | None = None, mode: str = "merge-after", grad: bool = False) -> str:
+    """The backend ``auto`` runs for this call (see :func:`preference`)."""
+    for name in preference(x, slots if slots is not None else SMALL_SLOTS + 1, mode):
+        if BACKENDS[name].refusal(x, mode, grad) is None:
+            return name
+    raise ValueError(f"no mixture_lora backend supports {mode} on {x.device} in {x.dtype}")
 
 
 def mixture_lora(
@@ -61,19 +138,18 @@ def mixture_lora(
     weights: Tensor,
     meta: MixtureMeta | None = None,
     backend: str = "auto",
+    mode: str = "merge-after",
 ) -> Tensor:
-    """``delta[t] = Σ_j weights[t, j] · B_e @ (A_e @ x[t])`` with ``e = indices[t, j]``.
+    """``delta`` of the mixture (see the module docstring for both modes).
 
     Shapes: ``x: [..., d_in]``; ``indices`` (integer, -1 = no adapter) and ``weights`` (float):
     ``[..., k]`` with the same leading dims, or already flat ``[T, k]``; returns
     ``[..., d_out]`` in x's dtype. ``meta`` is ``build_meta(indices, weights, E)`` when the
-    caller shares one decision across modules; it is built here when omitted (and ignored by
-    the reference backend). ``backend`` is ``"auto"`` or a name in ``BACKENDS``.
+    caller shares one decision across modules; it is built here when a backend needs it.
+    ``backend`` is ``"auto"`` or a name in ``BACKENDS``; ``mode`` one of ``MODES``.
     """
-    if backend == "auto":
-        backend = pick_backend(x, indices.numel())
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown mixture_lora backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mixing mode {mode!r}; valid: {', '.join(MODES)}")
     if x.shape[-1] != bank.d_in:
         raise ValueError(f"x has d_in {x.shape[-1]}, the bank expects {bank.d_in}")
     if x.dtype != bank.dtype or x.device != bank.device:
@@ -84,6 +160,16 @@ def mixture_lora(
                          f"must share one shape [..., k]")
     if not weights.dtype.is_floating_point:
         raise ValueError(f"weights must be floating point; got {weights.dtype}")
+    grad = needs_grad(x, bank, weights)
+    if backend == "auto":
+        backend = pick_backend(x, indices.numel(), mode, grad)
+    elif backend not in BACKENDS:
+        raise ValueError(f"unknown mixture_lora backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
+    else:
+        why = BACKENDS[backend].refusal(x, mode, grad)
+        if why is not None:
+            raise ValueError(f"mixture_lora backend {backend!r} {why}; use backend='auto' or another of "
+                             f"{', '.join(BACKENDS)}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, bank.d_in)  # [T, d_in]
     k = indices.shape[-1]
@@ -93,5 +179,5 @@ def mixture_lora(
     if meta is not None and (meta.num_tokens, meta.top_k, meta.num_adapters) != (x2.shape[0], k, bank.num_adapters):
         raise ValueError(f"meta is for (T, k, E) = {(meta.num_tokens, meta.top_k, meta.num_adapters)}, "
                          f"this call has {(x2.shape[0], k, bank.num_adapters)}")
-    delta = BACKENDS[backend](x2, bank, idx2, w2, meta)  # [T, d_out]
+    delta = BACKENDS[backend].impls[mode](x2, bank, idx2, w2, meta)  # [T, d_out]
     return delta.reshape(*lead, bank.d_out)

@@ -1,5 +1,7 @@
 """Merge-before mixing (mttl's semantics): mix the factors per token, then apply one LoRA.
 
+Index legend: T = tokens, k = slots per token, R = max rank, N = routed pairs.
+
 For token t with slots j (adapter e_j = indices[t, j], weight w_j; scaling folded into B):
 
     h_t     = Σ_j w_j · A_{e_j} x_t          # [R]   (mixed A, applied)
@@ -8,8 +10,7 @@ For token t with slots j (adapter e_j = indices[t, j], weight w_j; scaling folde
 i.e. ``delta_t = (Σ_j w_j B_j)(Σ_j w_j A_j) x_t``. Unlike merge-after (Σ_j w_j B_j A_j x_t) this has
 cross terms B_i A_j, so it is only meaningful when the mixed adapters share a rank (their rank
 axes are aligned slot by slot; lower-rank adapters contribute zeros beyond their rank).
-Cost follows the routed pairs, as in the grouped merge-after path: one shrink and one expand
-per active adapter over its tokens.
+Both functions are reached through ``mixture_lora(..., mode="merge-before")``.
 """
 
 from __future__ import annotations
@@ -18,22 +19,44 @@ import torch
 from torch import Tensor
 
 from .bank import LoraBank
-from .meta import build_meta
+from .meta import MixtureMeta
 
 
-def mixture_lora_merge_before(x: Tensor, bank: LoraBank, indices: Tensor, weights: Tensor) -> Tensor:
-    """``delta [T, d_out]`` for ``x [T, d_in]``, ``indices``/``weights [T, k]`` (see module doc)."""
-    T = x.shape[0]
-    meta = build_meta(indices, weights, bank.num_adapters)
-    h = x.new_zeros(T, bank.max_rank, dtype=torch.float32)  # [T, R]
+def mixture_lora_merge_before_reference(x: Tensor, bank: LoraBank, indices: Tensor, weights: Tensor) -> Tensor:
+    """The oracle: form each token's mixed factors explicitly (memory O(T·R·(d_in + d_out)))."""
+    # x: [T, d_in], indices / weights: [T, k]
+    real = torch.arange(bank.max_rank, device=x.device) < bank.ranks[:, None]  # [E, R]
+    A = torch.where(real[:, :, None], bank.A, 0)  # [E, R, d_in]
+    B = torch.where(real[:, None, :], bank.B, 0)  # [E, d_out, R]
+    slot = indices.clamp(min=0).long()  # [T, k]
+    w = torch.where(indices >= 0, weights, 0).to(x.dtype)  # [T, k]
+    A_mix = torch.einsum("tk,tkrd->trd", w, A[slot])  # [T, R, d_in]
+    B_mix = torch.einsum("tk,tkor->tor", w, B[slot])  # [T, d_out, R]
+    h = torch.einsum("trd,td->tr", A_mix, x)  # [T, R]
+    return torch.einsum("tor,tr->to", B_mix, h)  # [T, d_out]
+
+
+def mixture_lora_merge_before(x: Tensor, bank: LoraBank, meta: MixtureMeta) -> Tensor:
+    """The grouped path: one shrink and one expand per active adapter over its tokens, in
+    float32; cost follows the routed pairs, as in the grouped merge-after path. Without autograd
+    it accumulates in place; with it (training MHR), out of place so autograd can follow."""
+    # x: [T, d_in]
+    T, R = x.shape[0], bank.max_rank
+    grad = torch.is_grad_enabled() and (x.requires_grad or meta.pair_weights.requires_grad
+                                        or bank.A.requires_grad or bank.B.requires_grad)
     segments = list(zip(meta.active, meta.token_ids.split(meta.active_counts),  # tok: [n_e]
                         meta.pair_weights[:, None].split(meta.active_counts)))  # w: [n_e, 1]
+    h = x.new_zeros(T, R, dtype=torch.float32)  # [T, R]
     for e, tok, w in segments:
         r = bank.rank_list[e]
-        h[:, :r].index_add_(0, tok, w * (x[tok].float() @ bank.A[e, :r].float().T))
+        part = w * (x[tok].float() @ bank.A[e, :r].float().T)  # [n_e, r]
+        if grad:
+            h = h.index_add(0, tok, torch.nn.functional.pad(part, (0, R - r)))
+        else:
+            h[:, :r].index_add_(0, tok, part)
     out = x.new_zeros(T, bank.d_out, dtype=torch.float32)  # [T, d_out]
     for e, tok, w in segments:
         r = bank.rank_list[e]
-        out.index_add_(0, tok, w * (h[tok, :r] @ bank.B[e, :, :r].float().T))
+        part = w * (h[tok, :r] @ bank.B[e, :, :r].float().T)  # [n_e, d_out]
+        out = out.index_add(0, tok, part) if grad else out.index_add_(0, tok, part)
     return out.to(x.dtype)
-

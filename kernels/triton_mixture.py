@@ -25,6 +25,17 @@ for d_out = 576 and ~61 µs for 1536 against ~4 µs for the shrink: at prefill s
 ``tl.dot`` expand with float32 atomics would be the faster choice; at decode sizes (T = 16)
 the whole mixture is ~10 µs, launch-bound.
 
+Autograd: :func:`mixture_lora_triton` is an ``autograd.Function``. Its backward is the
+transposed segmented products, on the forward's metadata, for pair p = (token t, adapter e,
+weight w) with ``h_p = A_e x_t``, ``u_p = B_e^T g_t`` (g = dL/d delta):
+
+    dL/dw_p  = u_p · h_p          dL/dx_t += A_e^T (w_p u_p)
+    dL/dA_e += Σ_p (w_p u_p) x_t^T    dL/dB_e += Σ_p g_t (w_p h_p)^T
+
+computed in float32 by PyTorch, one pair of skinny GEMMs per active adapter and gradient
+(training is not the latency-bound path; fusing these into Triton kernels is a later step).
+Gradients reach the gate weights through ``meta.pair_weights`` (indexed from ``weights``).
+
 On CPU these kernels run under ``TRITON_INTERPRET=1`` (set before triton is imported).
 """
 
@@ -122,6 +133,48 @@ def _expand_kernel(
 
 
 def mixture_lora_triton(x: Tensor, bank: LoraBank, meta: MixtureMeta) -> Tensor:
+    """``delta: [T, d_out]`` in x's dtype, differentiable w.r.t. x, the weights and the factors."""
+    return _TritonMixture.apply(x, bank.A, bank.B, meta.pair_weights, bank, meta)
+
+
+class _TritonMixture(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, A, B, pair_weights, bank: LoraBank, meta: MixtureMeta):
+        ctx.save_for_backward(x, A, B, pair_weights)
+        ctx.bank, ctx.meta = bank, meta
+        return _launch(x, bank, meta)
+
+    @staticmethod
+    def backward(ctx, g):  # g: [T, d_out]
+        x, A, B, pw = ctx.saved_tensors
+        bank, meta = ctx.bank, ctx.meta
+        need_x, need_A, need_B, need_w = ctx.needs_input_grad[:4]
+        g = g.float()
+        dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need_x else None
+        dA = torch.zeros(A.shape, dtype=torch.float32, device=A.device) if need_A else None
+        dB = torch.zeros(B.shape, dtype=torch.float32, device=B.device) if need_B else None
+        dw = torch.zeros(pw.shape, dtype=torch.float32, device=pw.device) if need_w else None
+        lo = 0
+        for e, n in zip(meta.active, meta.active_counts):
+            r = bank.rank_list[e]
+            tok, w = meta.token_ids[lo:lo + n], pw[lo:lo + n, None].float()  # [n], [n, 1]
+            a, b = A[e, :r].float(), B[e, :, :r].float()  # [r, d_in], [d_out, r]
+            xe, ge = x[tok].float(), g[tok]  # [n, d_in], [n, d_out]
+            h, u = xe @ a.T, ge @ b  # [n, r] each
+            if need_w:
+                dw[lo:lo + n] = (h * u).sum(1)
+            if need_x:
+                dx.index_add_(0, tok, (w * u) @ a)
+            if need_A:
+                dA[e, :r] = (w * u).T @ xe
+            if need_B:
+                dB[e, :, :r] = ge.T @ (w * h)
+            lo += n
+        cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
+        return cast(dx, x), cast(dA, A), cast(dB, B), cast(dw, pw), None, None
+
+
+def _launch(x: Tensor, bank: LoraBank, meta: MixtureMeta) -> Tensor:
     """Launch shrink then expand; returns ``delta: [T, d_out]`` in x's dtype."""
     # x: [T, d_in]
     assert x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1", \

@@ -231,42 +231,6 @@ class MoSAdapter(nn.Module):
         return sum(self.config.rank * (d_out + d_in) for d_out, d_in in self.shapes.values())
 
 
-class MoSModel(nn.Module):
-    """``model`` with a MoS adapter on its target linears: ``y = W x + scaling · B A x``.
-
-    The base parameters are frozen; ``parameters()`` that require grad are the pools. The delta
-    is added by forward hooks on the target ``nn.Linear`` modules; :meth:`remove` detaches them.
-    """
-
-    def __init__(self, model: nn.Module, config: MoSConfig | MoSAdapter = MoSConfig(),
-                 targets: Sequence[str] = ("q_proj", "v_proj")):
-        super().__init__()
-        self.model = model
-        self.mos = config if isinstance(config, MoSAdapter) else MoSAdapter.for_model(model, config, targets)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        linears = dict(model.named_modules())
-        missing = [p for p in self.mos.shapes if not isinstance(linears.get(p), nn.Linear)]
-        if missing:
-            raise ValueError(f"MoS modules are not nn.Linear layers of the model: {missing[:5]}")
-        self._hooks = [linears[path].register_forward_hook(self._hook(path)) for path in sorted(self.mos.shapes)]
-
-    def _hook(self, path: str):
-        def add_delta(module, args, output):  # args[0]: [..., d_in], output: [..., d_out]
-            return output + self.mos.delta(path, args[0])
-        return add_delta
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-    def remove(self) -> nn.Module:
-        """Detach the hooks and return the (unchanged) base model."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        return self.model
-
-
 # --------------------------------------------------------------------------------------------
 # library storage (compact pool form)
 # --------------------------------------------------------------------------------------------

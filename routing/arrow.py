@@ -25,7 +25,7 @@ from torch import Tensor
 from quiver.library import LoraAdapter, LoraModule
 from quiver.library import embeddings as emb
 
-from .base import AdapterSource, Router, RoutingDecision, RoutingSite
+from .base import AdapterSource, Router, RoutingDecision, RoutingSite, top_k_softmax
 
 MODES = ("merge-after", "merge-before")
 
@@ -83,14 +83,8 @@ class Arrow(Router):
             self._on_device[key] = (self._protos[site.module].T.to(x.device, x.dtype).contiguous(),
                                     None if bool(present.all()) else present.to(x.device))
         Pt, present = self._on_device[key]  # Pt: [d_in, E]; present: bool [E] or None (all)
-        sim = (x @ Pt).abs()  # [T, E]; dividing by T > 0 does not change the top-k
-        if present is not None:
-            sim = sim.masked_fill(~present, float("-inf"))
-        top, idx = sim.topk(min(self.top_k, Pt.shape[1]), dim=-1)  # [T, k]
-        w = torch.softmax(top / self.temperature, dim=-1)
-        if present is not None:  # fewer than k adapters have this module
-            valid = torch.isfinite(top)
-            idx, w = idx.masked_fill(~valid, -1), w.nan_to_num(0.0).masked_fill(~valid, 0.0)
+        sim = (x @ Pt).abs()  # [T, E]
+        idx, w = top_k_softmax(sim, self.top_k, self.temperature, present)  # [T, k]
         return RoutingDecision(idx, w)
 
 

@@ -11,13 +11,23 @@ Then, per adapted module and forward pass, :meth:`Router.route` returns
     indices: int64 [T, k]   positions in the list of sources, -1 = no adapter in that slot
     weights: float [T, k]   rows sum to 1 (or to the budget the router documents)
 
-Per-example routers return the same row for every token of a request. Routers whose decision
-does not depend on the module or on x set ``per_module = False``: the runtime then asks once
-per forward pass and reuses the decision (and the kernel metadata) in every module.
+What the runtime must know about a router is declared on its class, never guessed:
+
+- ``per_token``: True when the decision depends on the module and on x (Arrow, the MoE gate).
+  False for routers that give one row per request, repeated over its tokens, whatever the
+  module (fixed weights, retrieval, MHR): the runtime then asks once per step and reuses the
+  decision (and the kernel metadata) in every module.
+- ``mode``: ``"merge-after"`` (mix the adapters' outputs, Σ_j w_j B_j A_j x) or
+  ``"merge-before"`` (mix the factors, (Σ_j w_j B_j)(Σ_j w_j A_j) x); the kernels' entry point
+  takes it as an argument.
+- ``head_splits``: H > 1 asks the runtime for H *head views* of every source (MHR's head
+  splitting, see routing/mhr.py); the router's indices then run over the H·S views, view
+  (h, s) at index h·S + s.
 
 Per-request information (the prompt texts for retrieval, the task names for MHR) reaches a
-router through :meth:`Router.prepare` before a forward or ``generate`` call; ``site.rows`` then
-says which requests the tokens belong to (row i of the batch = request i).
+router through :meth:`Router.prepare` before a forward or ``generate`` call (request i =
+``prompts[i]``); ``site.request_ids`` says which request each token belongs to, for left-padded
+rows and packed sequences alike. :meth:`Router.request_table` indexes a per-request table by it.
 
 Learned routers (:class:`LearnedRouter`) are also ``nn.Module``s: their parameters train with
 the base model and adapters frozen (gradients reach them through the routing weights), an
@@ -64,16 +74,34 @@ class AdapterSource:
 
 @dataclass
 class RoutingSite:
-    """What a router sees at one adapted module in one forward pass."""
+    """What a router sees at one adapted module in one step."""
 
     module: str  # full module path in the base model, e.g. model.layers.3.self_attn.q_proj
-    rows: Tensor  # int64 [Bt']: the batch rows (requests) whose tokens x holds, in order
-    tokens_per_row: int  # x holds rows.numel() * tokens_per_row tokens, row-major
+    request_ids: Tensor  # int64 [T]: the request of each token of x (its index in prepare's lists)
 
-    @property
-    def request_ids(self) -> Tensor:
-        """int64 [T]: the batch row (request) of each token."""
-        return self.rows.repeat_interleave(self.tokens_per_row)
+
+def top_k_softmax(logits: Tensor, k: int, temperature: float = 1.0,
+                  present: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The sparse gate shared by Arrow and the MoE gate.
+
+    ``logits: [T, E]``; ``present: bool [E]`` (None = all) marks the adapters that exist at this
+    module. Returns ``indices int64 [T, k']`` and ``weights [T, k']`` (k' = min(k, E)):
+
+        S = top-k over present adapters of logits,    w = softmax_{e ∈ S}(logits_e / temperature)
+
+    When fewer than k' adapters are present, the missing slots get index -1 and weight 0 (never
+    NaN). Differentiable w.r.t. ``logits`` through the selected entries.
+    """
+    if present is not None and bool(present.all()):
+        present = None
+    if present is not None:
+        logits = logits.masked_fill(~present, float("-inf"))
+    top, idx = logits.topk(min(k, logits.shape[-1]), dim=-1)  # [T, k']
+    w = torch.softmax(top / temperature, dim=-1)
+    if present is not None and int(present.sum()) < idx.shape[1]:
+        valid = torch.isfinite(top)
+        idx, w = idx.masked_fill(~valid, -1), w.nan_to_num(0.0).masked_fill(~valid, 0.0)
+    return idx, w
 
 
 class Router:
@@ -82,7 +110,9 @@ class Router:
     ``adapters=None`` means "the universe the runtime gives me" (the RoutedModel's adapters).
     """
 
-    per_module: bool = True
+    per_token: bool = True  # see the module docstring
+    mode: str = "merge-after"  # or "merge-before"
+    head_splits: int = 1  # H > 1: route over H head views of each source (MHR)
 
     def __init__(self, adapters: list[str] | None = None):
         self.adapters = list(adapters) if adapters is not None else None
@@ -105,6 +135,16 @@ class Router:
 
         Routers that route per token ignore it; per-example routers (retrieval, MHR) need it.
         """
+
+    def request_table(self, table: Tensor, request_ids: Tensor, what: str) -> Tensor:
+        """``table[request_ids]`` for a per-request ``table: [R, ...]`` from :meth:`prepare`;
+        a table of one row applies to every request. A clear error for a request beyond it."""
+        if table.shape[0] == 1:
+            return table.expand(request_ids.shape[0], *table.shape[1:])
+        if request_ids.numel() and int(request_ids.max()) >= table.shape[0]:
+            raise ValueError(f"{type(self).__name__}: request {int(request_ids.max())} has no {what} "
+                             f"(prepare got {table.shape[0]}); give one {what} per request")
+        return table[request_ids.to(table.device)]
 
     def aux_loss(self) -> Tensor | None:
         """An auxiliary training loss collected since the last call (and reset), or None."""

@@ -18,19 +18,22 @@ blocks for B, and head h mixes its own block of every skill with its own weights
 A request whose task is unknown (not in ``tasks``, or None) gets uniform weights 1/S per head.
 The logits start at 0, i.e. uniform mixing, the same as an unknown task.
 
-Runtime: MHR is a per-example router (``per_module = False``; one row per request, repeated
+Runtime: MHR is a per-request router (``per_token = False``; one row per request, repeated
 over its tokens) in ``merge-before`` mode, which the runtime executes as
-``(Σ_j w_j B_j)(Σ_j w_j A_j) x``. With H = 1 the sources are the skills themselves. With H > 1
-they are H·S **head views**: source (h, s) — bank key ``"{skill}#head{h}of{H}"``, index h·S + s —
-is skill s with A's columns outside block h of d_in and B's rows outside block h of d_out set
-to zero. Since the blocks of different heads are disjoint,
+``(Σ_j w_j B_j)(Σ_j w_j A_j) x``. The sources are the skills. With H > 1 the router declares
+``head_splits = H`` and routes over the H·S **head views** the runtime builds from them
+(:func:`quiver.runtime.head_view`): view (h, s), index h·S + s, is skill s with A's columns
+outside block h of d_in and B's rows outside block h of d_out set to zero. Since the blocks of
+different heads are disjoint,
 
     Σ_{h,s} w[h,s] A_s^(h) = A_mix,     Σ_{h,s} w[h,s] B_s^(h) = B_mix
 
-exactly, and merge-before over the views computes MHR's ``B_mix A_mix x``. The shared rank axis
-carries no cross-head term: head h's columns of A_mix and rows of B_mix are still mixed with
-head h's weights only. Budget: each head's weights sum to 1, so **a decision row sums to H**.
-The views cost H times the bank memory and shrink/expand work of the skills.
+exactly, and merge-before over the views computes MHR's ``B_mix A_mix x``: this is the one
+implementation of MHR's mixing, for inference and for training (trainable skills give
+differentiable views). The shared rank axis carries no cross-head term: head h's columns of
+A_mix and rows of B_mix are still mixed with head h's weights only. Budget: each head's weights
+sum to 1, so **a decision row sums to H**. The views cost H times the bank memory and
+shrink/expand work of the skills.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import RelaxedBernoulli
 
-from quiver.library import LoraAdapter, LoraModule
+from quiver.library import LoraAdapter
 
 from .base import AdapterSource, LearnedRouter, RoutingDecision, RoutingSite
 
@@ -51,12 +54,12 @@ class MHR(LearnedRouter):
 
     ``tasks``: the task names the logits cover (row t of ``logits`` = ``tasks[t]``).
     ``n_splits``: H heads (1 = Poly). ``temperature``: of the relaxed Bernoulli used in training
-    mode. Per-request tasks arrive through ``prepare(tasks=[...])`` (row i of the next batches =
+    mode. Per-request tasks arrive through ``prepare(tasks=[...])`` (request i of the next steps =
     request i; a single task applies to every row). A new router is in eval mode (σ weights);
     ``.train()`` switches on the relaxed-Bernoulli sampling.
     """
 
-    per_module = False
+    per_token = False
     mode = "merge-before"
 
     def __init__(self, tasks: list[str], n_splits: int = 1, temperature: float = 1.0,
@@ -70,6 +73,7 @@ class MHR(LearnedRouter):
         if temperature <= 0:
             raise ValueError(f"{type(self).__name__}: temperature must be > 0, got {temperature}")
         self.tasks, self.n_splits, self.temperature = tasks, int(n_splits), float(temperature)
+        self.head_splits = self.n_splits
         self._index = {t: i for i, t in enumerate(tasks)}
         self.register_parameter("logits", None)  # [n_tasks, H, S], created once S is known
         if self.adapters is not None:
@@ -105,10 +109,6 @@ class MHR(LearnedRouter):
         super().bind(library, universe)
         _check_skills([library.get(n) for n in self.adapters], self.n_splits)
         self._ensure_logits(len(self.adapters))
-        H = self.n_splits
-        if H > 1:  # source h·S + s = head view (h, s)
-            self.sources = [AdapterSource(f"{n}#head{h}of{H}", _head_loader(library, n, h, H))
-                            for h in range(H) for n in self.adapters]
         return self.sources
 
     # -- weights -----------------------------------------------------------------------------
@@ -138,23 +138,17 @@ class MHR(LearnedRouter):
         row is unknown (uniform weights)."""
         self._row_tasks = None if tasks is None else self.task_ids(list(tasks))
 
-    def _rows_tasks(self, rows: Tensor) -> Tensor:  # rows: int64 [R] -> task ids [R]
-        rows = rows.cpu()
-        if self._row_tasks is None:
-            return torch.full((rows.numel(),), -1, dtype=torch.int64)
-        n = self._row_tasks.numel()
-        if n == 1:
-            return self._row_tasks.expand(rows.numel())
-        if rows.numel() and int(rows.max()) >= n:
-            raise ValueError(f"{type(self).__name__}: batch row {int(rows.max())} has no task (prepare got "
-                             f"{n}); give one task per batch row")
-        return self._row_tasks[rows]
-
     def route(self, x: Tensor, site: RoutingSite) -> RoutingDecision:  # x: [T, d_in]
         if self.logits is not None and self.logits.device != x.device:
             self.to(x.device)
-        w = self.weights(self._rows_tasks(site.rows)).flatten(1)  # [R, H·S]; column h·S + s
-        w = w.to(x.device, x.dtype).repeat_interleave(site.tokens_per_row, dim=0)  # [T, H·S]
+        # One weight row per request (in training mode: one sample per request), then per token.
+        requests, inverse = torch.unique(site.request_ids.cpu(), return_inverse=True)  # [R'], [T]
+        if self._row_tasks is None:  # no tasks given: every request is unknown
+            tasks = torch.full((requests.shape[0],), -1, dtype=torch.int64)
+        else:
+            tasks = self.request_table(self._row_tasks, requests, "task")  # [R']
+        w = self.weights(tasks).flatten(1)[inverse.to(self.logits.device)]  # [T, H·S]; column h·S + s
+        w = w.to(x.device, x.dtype)
         idx = torch.arange(w.shape[1], device=x.device).expand(w.shape[0], -1)
         return RoutingDecision(idx, w)
 
@@ -185,18 +179,3 @@ def _check_skills(skills: list[LoraAdapter], n_splits: int) -> None:
         d_in, d_out = m.A.shape[1], m.B.shape[0]
         if d_in % n_splits or d_out % n_splits:
             raise ValueError(f"n_splits={n_splits} does not divide {path}'s widths ({d_in} -> {d_out})")
-
-
-def _head_loader(library, name: str, h: int, H: int):
-    def load() -> LoraAdapter:
-        ad = library.get(name)
-        modules = {}
-        for path, m in ad.modules.items():
-            a, b = m.A.shape[1] // H, m.B.shape[0] // H
-            A, B = torch.zeros_like(m.A), torch.zeros_like(m.B)
-            A[:, h * a:(h + 1) * a] = m.A[:, h * a:(h + 1) * a]  # block h of d_in
-            B[h * b:(h + 1) * b] = m.B[h * b:(h + 1) * b]  # block h of d_out
-            modules[path] = LoraModule(A=A, B=B, alpha=m.alpha)
-        return LoraAdapter(name=f"{name}-head{h}of{H}", base_model=ad.base_model, modules=modules,
-                           use_rslora=ad.use_rslora, rank=ad.rank, alpha=ad.alpha)
-    return load

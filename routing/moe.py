@@ -49,7 +49,7 @@ import zlib
 import torch
 from torch import Tensor, nn
 
-from .base import AdapterSource, LearnedRouter, RoutingDecision, RoutingSite
+from .base import AdapterSource, LearnedRouter, RoutingDecision, RoutingSite, top_k_softmax
 
 GRANULARITIES = ("module", "layer")
 INITS = ("random", "arrow")
@@ -157,18 +157,12 @@ class MoEGate(LearnedRouter):
         if present.device != x.device:
             present = self._present[site.module] = present.to(x.device)
         logits = (x.float() @ W.T) / self.temperature  # [T, E]
-        n_present = int(present.sum())
-        if n_present < present.numel():
-            logits = logits.masked_fill(~present, float("-inf"))
-        top, idx = logits.topk(min(self.top_k, logits.shape[1]), dim=-1)  # [T, k]
-        w = torch.softmax(top, dim=-1)
-        if n_present < idx.shape[1]:  # fewer than k adapters have this module
-            valid = torch.isfinite(top)
-            idx, w = idx.masked_fill(~valid, -1), w.nan_to_num(0.0).masked_fill(~valid, 0.0)
+        idx, w = top_k_softmax(logits, self.top_k, 1.0, present)  # [T, k]
         if self.training and self.balance_coef > 0 and torch.is_grad_enabled() and W.requires_grad:
             if site.module in self._balance:  # a new forward pass
                 self._balance.clear()
-            self._balance[site.module] = load_balancing_loss(logits, idx, n_present)
+            self._balance[site.module] = load_balancing_loss(logits.masked_fill(~present, float("-inf")), idx,
+                                                             int(present.sum()))
         return RoutingDecision(idx, w.to(x.dtype))
 
     def aux_loss(self) -> Tensor | None:

@@ -14,9 +14,9 @@ LoraRetriever's released code mixes the retrieved LoRAs with equal weights 1/k; 
 letting the match decide: MiniLM cosines of a relevant and an unrelated adapter typically
 differ by 0.2-0.6, i.e. weight ratios of e² to e⁶.
 
-Usage: ``router.prepare(prompts=[...])`` (row i of the next batches = prompt i; with beams or
-several return sequences, repeat each prompt per row), then forward or ``generate``. The
-decision depends on neither module nor x (``per_module = False``): one row per request,
+Usage: ``router.prepare(prompts=[...])`` (request i of the next steps = prompt i; one prompt
+applies to every request), then forward or ``generate``. The
+decision depends on neither module nor x (``per_token = False``): one row per request,
 repeated over its tokens. Nothing is learned; ``config()`` saves the arguments.
 """
 
@@ -29,7 +29,7 @@ from .base import AdapterSource, Router, RoutingDecision, RoutingSite
 
 
 class Retrieval(Router):
-    per_module = False
+    per_token = False
 
     def __init__(self, top_k: int = 2, temperature: float = 0.1, adapters: list[str] | None = None):
         super().__init__(adapters)
@@ -69,16 +69,12 @@ class Retrieval(Router):
     def route(self, x: Tensor, site: RoutingSite) -> RoutingDecision:  # x: [T, d_in]
         if self._rows is None:
             raise RuntimeError("Retrieval: call router.prepare(prompts=[...]) before forward/generate")
-        n_rows = self._rows[0].shape[0]
-        if site.rows.numel() and int(site.rows.max()) >= n_rows:
-            raise ValueError(f"Retrieval: batch row {int(site.rows.max())} has no prompt "
-                             f"(prepare got {n_rows}); give one prompt per batch row")
         key = (x.device, x.dtype)
         if key not in self._on_device:
             self._on_device[key] = (self._rows[0].to(x.device), self._rows[1].to(x.device, x.dtype))
         idx, w = self._on_device[key]  # [R, k]
-        req = site.request_ids.to(x.device)  # [T]
-        return RoutingDecision(idx[req], w[req])
+        return RoutingDecision(self.request_table(idx, site.request_ids, "prompt"),
+                               self.request_table(w, site.request_ids, "prompt"))
 
     def config(self) -> dict:
         return {"top_k": self.top_k, "temperature": self.temperature}

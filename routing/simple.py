@@ -1,6 +1,6 @@
 """Routers that need no input: one adapter, fixed weights, uniform weights.
 
-They return the same row for every token and every module (``per_module = False``), so the
+They return the same row for every token and every module (``per_token = False``), so the
 runtime asks them once per forward pass.
 """
 
@@ -14,7 +14,7 @@ from .base import Router, RoutingDecision, RoutingSite
 class Fixed(Router):
     """Given weights over named adapters: y += Σ_e w_e ΔW_e x (weights used as given)."""
 
-    per_module = False
+    per_token = False
 
     def __init__(self, weights: dict[str, float]):
         if not weights:
@@ -37,7 +37,7 @@ class Single(Fixed):
 class Uniform(Router):
     """Weight 1/E on each of E adapters (default: all the runtime's adapters)."""
 
-    per_module = False
+    per_token = False
 
     def route(self, x: Tensor, site: RoutingSite) -> RoutingDecision:
         n = len(self.sources)

@@ -6,8 +6,15 @@ An adapter occupies one *slot* across all modules (slot s of module m's bank is 
 factors at m, rank 0 where it does not adapt m). Per module the storage is ``A: [C, R, d_in]``
 and ``B: [C, d_out, R]`` with the adapter's scaling folded into B, as the kernels expect.
 Adapters are loaded on demand (by key, from an :class:`AdapterSource`); with a ``capacity`` the
-least recently used adapter not needed by the current call is evicted when the bank is full.
-Without one the bank grows (doubling its slots) as adapters arrive.
+least recently used adapter that is not **pinned** is evicted when the bank is full. Without
+one the bank grows (doubling its slots) as adapters arrive.
+
+Pinning makes the bank read-only for a step: between :meth:`begin_step` and :meth:`end_step`
+every adapter loaded or touched with ``ensure`` stays resident, so no decision of the step can
+point at a slot that was reused. When a step needs more adapters at once than the capacity,
+``ensure`` raises :class:`CapacityError` naming the numbers — never a silent wrong result. With
+a capacity, the slot storage is allocated at the full capacity on the first load, so the
+number of slots (E in the kernels' metadata) does not change within a step.
 """
 
 from __future__ import annotations
@@ -20,6 +27,10 @@ from torch import Tensor
 
 from quiver.kernels import LoraBank
 from quiver.routing import AdapterSource
+
+
+class CapacityError(RuntimeError):
+    """One step needs more adapters resident at once than the bank's capacity."""
 
 
 class AdapterBank:
@@ -38,6 +49,7 @@ class AdapterBank:
         self._ranks: dict[str, Tensor] = {}
         self.banks: dict[str, LoraBank] = {}
         self.loads = 0  # adapters loaded so far (evictions make this exceed the slot count)
+        self._pinned: set[str] | None = None  # keys held for the current step (None: no step)
 
     def __contains__(self, key: str) -> bool:
         return key in self._slot_of
@@ -50,19 +62,41 @@ class AdapterBank:
             out[slot] = key
         return out
 
+    def begin_step(self) -> None:
+        """Start pinning: everything ``ensure`` returns stays resident until :meth:`end_step`."""
+        self._pinned = set()
+
+    def end_step(self) -> None:
+        self._pinned = None
+
+    @property
+    def pinned(self) -> frozenset[str]:
+        return frozenset(self._pinned or ())
+
     def ensure(self, sources: Sequence[AdapterSource]) -> Tensor:
-        """Load whatever is missing; returns int64 ``[len(sources)]`` slots on the device."""
-        needed = {s.key for s in sources}
-        if self.capacity is not None and len(needed) > self.capacity:
-            raise RuntimeError(f"bank capacity {self.capacity} is smaller than the {len(needed)} "
-                               "adapters one call needs; raise `capacity`")
+        """Load whatever is missing; returns int64 ``[len(sources)]`` slots on the device.
+
+        Inside a step the sources are pinned until it ends; what cannot be held together with
+        the step's other pinned adapters raises :class:`CapacityError`.
+        """
+        keys = list(dict.fromkeys(s.key for s in sources))
+        held = set(keys) | (self._pinned or set())
+        if self.capacity is not None and len(held) > self.capacity:
+            new = [k for k in keys if k not in (self._pinned or set())]
+            raise CapacityError(
+                f"this step needs {len(held)} adapters resident at once, more than the bank capacity "
+                f"{self.capacity} ({len(self._pinned or ())} already held for the step, {len(new)} more "
+                f"requested: {', '.join(new[:6])}{' ...' if len(new) > 6 else ''}); raise the capacity "
+                "or split the batch")
         loaded = False
         for s in sources:
             if s.key in self._slot_of:
                 self._slot_of.move_to_end(s.key)
             else:
-                self._load(s, needed)
+                self._load(s, held)
                 loaded = True
+        if self._pinned is not None:
+            self._pinned.update(keys)
         if loaded:
             self._rebuild()  # once per call, not per adapter: it builds one view per module
         return torch.tensor([self._slot_of[s.key] for s in sources], dtype=torch.int64, device=self.device)
@@ -93,7 +127,7 @@ class AdapterBank:
         if self._free:
             return self._free.pop()
         if self.capacity is None or self._slots < self.capacity:
-            new = max(1, self._slots * 2) if self.capacity is None else min(self.capacity, max(1, self._slots * 2))
+            new = max(1, self._slots * 2) if self.capacity is None else self.capacity
             first = self._slots
             self._resize(new, max(self._rank, 1))
             self._free = list(range(new - 1, first, -1))
@@ -101,7 +135,7 @@ class AdapterBank:
         for key in self._slot_of:  # least recently used first
             if key not in pinned:
                 return self._slot_of.pop(key)
-        raise RuntimeError("every slot holds an adapter this call needs")
+        raise CapacityError(f"all {self.capacity} bank slots hold adapters this step needs")
 
     def _resize(self, slots: int, rank: int) -> None:
         """Grow storage to ``slots`` × ``rank``, keeping what is stored."""

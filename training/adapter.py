@@ -14,11 +14,12 @@ from collections.abc import Sequence
 from torch import nn
 
 from quiver.library import LoraAdapter
-from quiver.merging.mos import MoSAdapter, MoSConfig, MoSModel
+from quiver.merging.mos import MoSAdapter, MoSConfig
 
 from .data import make_lm_loss, mean_loss
 from .lora import LoraParams
 from .loop import Trainer, TrainConfig, TrainResult
+from .mos import MoSModel
 
 
 @contextlib.contextmanager

@@ -1,10 +1,10 @@
 """MHR / Poly training modes (Caccia et al. 2023): pre-training, MHR-z and MHR-μ.
 
 - :func:`mhr_pretrain` — multi-task pre-training: a fresh inventory of S skills
-  (:class:`~quiver.training.LoraParams` with ``n_skills=S, n_splits=H``) and the routing logits
-  ``[tasks, H, S]`` of an :class:`~quiver.routing.MHR` router train jointly; each batch mixes
-  the skills per example with ``router.weights(task ids)`` (relaxed-Bernoulli samples in
-  training, as in the paper's code). The skills go into the library as adapters
+  (:class:`~quiver.training.LoraParams` with ``n_skills=S``) and the routing logits
+  ``[tasks, H, S]`` of an :class:`~quiver.routing.MHR` router train jointly, through the
+  runtime's wrapping: the router (in training mode: relaxed-Bernoulli samples, as in the
+  paper's code) mixes the skills' head views per example, exactly as at inference. The skills go into the library as adapters
   ``{name_prefix}-{s}`` and the router as a router artefact over them.
 - :func:`mhr_z` — few-shot adaptation: only the routing logits train (new tasks get zero logits,
   i.e. start from uniform mixing); the base model and the skills stay bit-identical.
@@ -60,13 +60,13 @@ def mhr_pretrain(model: nn.Module, tok, train: Sequence[dict], library, *, skill
         raise ValueError(f"the library already has adapters {taken}; pass replace=True or another name_prefix")
     router = (Poly(tasks, temperature=temperature, adapters=names) if n_splits == 1 else
               MHR(tasks, n_splits=n_splits, temperature=temperature, adapters=names))
-    lora = LoraParams(model, targets, rank=rank, alpha=alpha, n_skills=skills, n_splits=n_splits,
-                      dropout=dropout, seed=config.seed)
+    lora = LoraParams(model, targets, rank=rank, alpha=alpha, n_skills=skills, dropout=dropout, seed=config.seed,
+                      names=names, router=router)
     device = next(model.parameters()).device
     router.to(device)
 
-    def route(examples: list) -> None:  # per-example mixing weights [Bt, H, S] for this batch
-        lora.set_weights(router.weights(router.task_ids([ex.get("task") for ex in examples])))
+    def route(examples: list) -> None:  # this batch's tasks, one per request (row)
+        router.prepare(tasks=[ex.get("task") for ex in examples])
 
     try:
         with frozen(model):

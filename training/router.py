@@ -27,7 +27,8 @@ def router_loss_fn(rm: RoutedModel, router: LearnedRouter, tok, chat_template: b
         router.prepare(prompts=[ex["prompt"] for ex in examples], tasks=[ex.get("task") for ex in examples])
         batch = encode_examples(tok, examples, chat_template, max_length, device)
         router.aux_loss()  # drop anything collected outside this step
-        out = rm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], routers=[router])
+        out = rm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 routers=[router] * len(examples))  # one request per example
         loss = lm_loss(out.logits, batch["labels"])
         aux = router.aux_loss() if with_aux else None
         return loss + aux if aux is not None else loss

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quiver.kernels import BACKENDS, build_meta, mixture_lora, pick_backend
+import dataclasses
+
+from quiver.kernels import BACKENDS, LoraBank, build_meta, mixture_lora, pick_backend
+from quiver.kernels.dispatch import MODES
 
 
 def test_registry_names():
@@ -55,21 +58,47 @@ def test_boundary_errors(case_factory):
         mixture_lora(x, bank, idx, w, meta=build_meta(idx[:5], w[:5], 2))
 
 
-def test_grouped_gradients_equal_the_reference():
-    import torch
+def _grads(backend: str, mode: str, case, cotangent: torch.Tensor):
+    leaves = {k: v.clone().requires_grad_() for k, v in
+              {"x": case.x, "A": case.bank.A, "B": case.bank.B, "weights": case.weights}.items()}
+    bank = LoraBank(leaves["A"], leaves["B"], case.bank.ranks)
+    out = mixture_lora(leaves["x"], bank, case.indices, leaves["weights"], backend=backend, mode=mode)
+    (out * cotangent).sum().backward()
+    return out.detach(), {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in leaves.items()}
 
-    from quiver.kernels import LoraBank, mixture_lora
 
-    g = torch.Generator().manual_seed(0)
-    bank = LoraBank.from_factors([(torch.randn(r, 12, generator=g), torch.randn(9, r, generator=g)) for r in (2, 4, 3)])
-    idx = torch.tensor([[0, 2], [1, -1], [2, 2], [0, 1], [-1, -1]])
-    grads = {}
-    for backend in ("reference", "grouped"):
-        x = torch.randn(5, 12, generator=torch.Generator().manual_seed(1)).requires_grad_()
-        w = torch.rand(5, 2, generator=torch.Generator().manual_seed(2)).requires_grad_()
-        out = mixture_lora(x, bank, idx, w, backend=backend)
-        (out * torch.arange(9.0)).sum().backward()
-        grads[backend] = (out.detach(), x.grad, w.grad)
-    for got, want in zip(grads["grouped"], grads["reference"]):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert grads["grouped"][2].abs().sum() > 0  # the gate weights do receive gradient
+@pytest.mark.parametrize("mode, backend", [(m, b) for m in MODES for b in BACKENDS
+                                           if b != "triton" and m in BACKENDS[b].impls and b != "reference"])
+def test_every_backend_gives_the_reference_gradients(mode, backend, case_factory):
+    """x, the gate weights and both factors (ranks 2-5 mixed in one bank, empty slots, repeats)."""
+    for T in (5, 40):  # both sides of SMALL_SLOTS
+        case = case_factory(T, 12, 9, [2, 4, 3, 5], 2, seed=T)
+        g = torch.randn(T, 9, generator=torch.Generator().manual_seed(1))
+        out, got = _grads(backend, mode, case, g)
+        ref_out, want = _grads("reference", mode, case, g)
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5, msg=f"{backend} {mode} d{k}")
+        assert got["weights"].abs().sum() > 0 and got["A"].abs().sum() > 0 and got["B"].abs().sum() > 0
+
+
+def test_backends_declare_what_they_support_and_refuse_the_rest(case_factory, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    case = case_factory(40, 8, 6, [2, 3], 2)
+    with pytest.raises(ValueError, match=r"backend 'triton' does not run on cpu \(it runs on cuda, or on cpu "
+                                         r"under TRITON_INTERPRET=1\)"):
+        mixture_lora(case.x, case.bank, case.indices, case.weights, backend="triton")
+    with pytest.raises(ValueError, match=r"backend 'gather' does not implement merge-before"):
+        mixture_lora(case.x, case.bank, case.indices, case.weights, backend="gather", mode="merge-before")
+    with pytest.raises(ValueError, match="unknown mixing mode 'sideways'"):
+        mixture_lora(case.x, case.bank, case.indices, case.weights, mode="sideways")
+    # auto follows the declarations: merge-before never picks gather; a backend that declared no
+    # autograd would be skipped when a gradient is needed
+    assert pick_backend(case.x, 4, "merge-before") == "reference"
+    assert pick_backend(case.x, 400, "merge-before") == "grouped"
+    monkeypatch.setitem(BACKENDS, "grouped", dataclasses.replace(BACKENDS["grouped"], autograd=False))
+    assert pick_backend(case.x, 400, grad=False) == "grouped"
+    assert pick_backend(case.x, 400, grad=True) == "reference"
+    x = case.x.clone().requires_grad_()
+    with pytest.raises(ValueError, match="backend 'grouped' has no backward, and this call needs gradients"):
+        mixture_lora(x, case.bank, case.indices, case.weights, backend="grouped")

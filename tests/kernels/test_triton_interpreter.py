@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from quiver.kernels import LoraBank
+from quiver.kernels import LoraBank, mixture_lora
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.interpreter
@@ -55,14 +55,28 @@ CASES = [(shape, dtype, "plain") for shape in SHAPES for dtype in DTYPES] + [
     ("mixed_ranks", dtype, variant) for dtype in DTYPES for variant in ("no_slots", "nan_padding")]
 
 
+# Gradient cases (fp32): name -> shape key. The cotangent is a fixed random [T, d_out].
+GRAD_CASES = {"grad-mixed_ranks": "mixed_ranks", "grad-k8": "k8", "grad-long_segment": "long_segment",
+              "grad-one_token": "one_token", "grad-empty": "empty"}
+
+
+def _grad_case(case_factory, shape: str):
+    case = case_factory(*SHAPES[shape], dtype=torch.float32)
+    T, d_out = case.x.shape[0], case.bank.d_out
+    case.g = torch.randn(T, d_out, generator=torch.Generator().manual_seed(7))
+    return case
+
+
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory, case_factory):
-    """(cases, deltas), every case run through the Triton backend in one interpreter process."""
+    """(cases, results), every case run through the Triton backend in one interpreter process."""
     cases = {"-".join(key): VARIANTS[key[2]](case_factory(*SHAPES[key[0]], dtype=DTYPES[key[1]]))
              for key in CASES}
+    cases |= {name: _grad_case(case_factory, shape) for name, shape in GRAD_CASES.items()}
     tmp = tmp_path_factory.mktemp("triton-interpret")
     torch.save({name: dict(x=c.x, A=c.bank.A, B=c.bank.B, ranks=c.bank.ranks, indices=c.indices,
-                           weights=c.weights) for name, c in cases.items()}, tmp / "cases.pt")
+                           weights=c.weights, **({"g": c.g} if hasattr(c, "g") else {}))
+                for name, c in cases.items()}, tmp / "cases.pt")
     proc = subprocess.run([sys.executable, str(WORKER), str(tmp / "cases.pt"), str(tmp / "deltas.pt")],
                           env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
                           timeout=600)
@@ -79,3 +93,22 @@ def test_triton_matches_reference(key, interpreted, check):
     cases, deltas = interpreted
     name = "-".join(key)
     check(deltas[name], cases[name])
+
+
+@pytest.mark.parametrize("name", list(GRAD_CASES))
+def test_triton_gradients_equal_the_reference(name, interpreted):
+    """The Triton backend's autograd.Function: gradients for x, the gate weights and both
+    factors equal the reference backend's (fp32)."""
+    cases, results = interpreted
+    c, got = cases[name], results[name]
+    leaves = {k: v.clone().requires_grad_() for k, v in
+              {"x": c.x, "A": c.bank.A, "B": c.bank.B, "weights": c.weights}.items()}
+    delta = mixture_lora(leaves["x"], LoraBank(leaves["A"], leaves["B"], c.bank.ranks), c.indices,
+                         leaves["weights"], backend="reference")
+    (delta * c.g).sum().backward()
+    torch.testing.assert_close(got["delta"], delta.detach(), atol=1e-4, rtol=1e-4)
+    for k, leaf in leaves.items():
+        want = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        torch.testing.assert_close(got[k], want, atol=1e-4, rtol=1e-4, msg=f"d{k}")
+    if (c.indices >= 0).any():
+        assert got["weights"].abs().sum() > 0 and got["A"].abs().sum() > 0

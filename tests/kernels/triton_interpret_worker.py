@@ -6,7 +6,9 @@ kernels are decorated, never leaks into the test process. Usage::
     TRITON_INTERPRET=1 python triton_interpret_worker.py CASES.pt DELTAS.pt
 
 CASES.pt maps a name to tensors ``x, A, B, ranks, indices, weights``; DELTAS.pt maps the same
-names to ``mixture_lora(..., backend="triton")``. Exits with ``UNUSABLE`` when this triton's
+names to ``mixture_lora(..., backend="triton")``. A case that also holds ``g`` (a cotangent
+``[T, d_out]``) is run with gradients: its entry is ``{delta, x, A, B, weights}``, the last four
+the gradients of ``(delta * g).sum()``. Exits with ``UNUSABLE`` when this triton's
 interpreter cannot run a loop bounded by a kernel argument (triton-lang/triton#9171: before
 the fix, numpy >= 2.4 refuses its ``int(array)``), so the tests can skip with that reason.
 """
@@ -47,10 +49,18 @@ def main(src: str, dst: str) -> None:
     if not interpreter_usable():
         sys.exit(UNUSABLE)
     cases = torch.load(src, weights_only=True)
-    deltas = {name: mixture_lora(c["x"], LoraBank(c["A"], c["B"], c["ranks"]), c["indices"], c["weights"],
-                                 backend="triton")
-              for name, c in cases.items()}
-    torch.save(deltas, dst)
+    out = {}
+    for name, c in cases.items():
+        if "g" not in c:
+            out[name] = mixture_lora(c["x"], LoraBank(c["A"], c["B"], c["ranks"]), c["indices"], c["weights"],
+                                     backend="triton")
+            continue
+        leaves = {k: c[k].clone().requires_grad_() for k in ("x", "A", "B", "weights")}
+        delta = mixture_lora(leaves["x"], LoraBank(leaves["A"], leaves["B"], c["ranks"]), c["indices"],
+                             leaves["weights"], backend="triton")
+        (delta.float() * c["g"]).sum().backward()
+        out[name] = {"delta": delta.detach(), **{k: v.grad for k, v in leaves.items()}}
+    torch.save(out, dst)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from quiver.library.synthetic import random_adapter, smollm2_spec
+from quiver.training import MoSModel  # the MoS training wrapper (runtime's wrapping path)
 from quiver.merging.mos import (
     CompressConfig,
     MoSAdapter,
     MoSConfig,
-    MoSModel,
     compress,
     expand,
     load_mos,
@@ -89,7 +89,7 @@ def test_parameter_ratio_is_one_eighth_of_lora(tiny_model):
 
 
 # -- forward, training -------------------------------------------------------------------------
-def test_hooked_forward_equals_merged_weights(tiny_model):
+def test_wrapped_forward_equals_merged_weights(tiny_model):
     model = copy.deepcopy(tiny_model)
     wrapped = MoSModel(model, MoSConfig(private_fraction=0.5), targets=QV)
     _randomize(wrapped.mos)

@@ -10,7 +10,8 @@ import torch
 from quiver import Library, RoutedModel
 from quiver.library.synthetic import ALL_PROJECTIONS, random_adapter
 from quiver.routing import MHR, ROUTERS, Poly, RoutingSite, Single, save_router
-from quiver.training import LoraParams
+from quiver.runtime import head_view
+from quiver.runtime.sources import view_sources
 
 IDS = torch.tensor([[3, 17, 42, 99, 5, 64, 127], [7, 7, 1, 2, 90, 33, 45]])
 SKILLS = ["s0", "s1", "s2"]
@@ -41,13 +42,27 @@ def make_router(cls, n_splits: int, seed: int = 0):
 
 
 def reference_logits(model, lib, router, tasks: list[str | None]) -> torch.Tensor:
-    """The explicit per-head mixing of LoraParams (init = the skills), weights computed by hand."""
-    m = copy.deepcopy(model)
-    lp = LoraParams(m, ALL_PROJECTIONS, rank=4, alpha=8.0, n_skills=len(SKILLS), n_splits=router.n_splits,
-                    init=[lib.get(n) for n in SKILLS])
-    lp.set_weights(explicit_weights(router.logits.detach(), [TASKS.index(t) if t in TASKS else -1 for t in tasks]))
-    with torch.no_grad():
-        return m(IDS).logits
+    """MHR's formula, independent of the runtime: each request's weights are constant over its
+    tokens, so its output is the base model with W += B_mix A_mix at every module, where head h
+    mixes block h of d_in (A) and of d_out (B) of every skill with w[h, :]."""
+    w = explicit_weights(router.logits.detach(), [TASKS.index(t) if t in TASKS else -1 for t in tasks])  # [N, H, S]
+    skills = [lib.get(n) for n in SKILLS]
+    H = router.n_splits
+    rows = []
+    for i in range(len(tasks)):
+        m = copy.deepcopy(model)
+        for path in skills[0].modules:
+            A0, B0 = skills[0].modules[path].A, skills[0].modules[path].B
+            a, b = A0.shape[1] // H, B0.shape[0] // H
+            A_mix, B_mix = torch.zeros_like(A0), torch.zeros_like(B0)
+            for h in range(H):
+                for s, ad in enumerate(skills):
+                    A_mix[:, h * a:(h + 1) * a] += w[i, h, s] * ad.modules[path].A[:, h * a:(h + 1) * a]
+                    B_mix[h * b:(h + 1) * b] += w[i, h, s] * ad.scaling(path) * ad.modules[path].B[h * b:(h + 1) * b]
+            m.get_submodule(path).weight.data += B_mix @ A_mix
+        with torch.no_grad():
+            rows.append(m(IDS[i:i + 1]).logits[0])
+    return torch.stack(rows)
 
 
 @torch.no_grad()
@@ -55,11 +70,12 @@ def reference_logits(model, lib, router, tasks: list[str | None]) -> torch.Tenso
 def test_runtime_equals_explicit_per_head_mixing(tiny_model, lib3, n_splits):
     router = make_router(MHR, n_splits)
     rm = RoutedModel(copy.deepcopy(tiny_model), lib3, router=router)
-    assert len(router.sources) == n_splits * len(SKILLS)
+    assert [s.key for s in router.sources] == SKILLS  # the runtime builds the head views
     for tasks in (["fr", "sql"], ["sql", "unknown-task"]):
         router.prepare(tasks=tasks)
         want = reference_logits(tiny_model, lib3, router, tasks)
         torch.testing.assert_close(rm(IDS).logits, want, atol=2e-5, rtol=0)
+    assert len([k for k in rm.bank.keys if k]) == n_splits * len(SKILLS)
     # The heads matter: the same logits with one head give another model.
     if n_splits > 1:
         one = MHR(TASKS, n_splits=1, adapters=SKILLS)
@@ -77,7 +93,7 @@ def test_head_views_reproduce_block_mixing(lib3):
     router = make_router(MHR, H)
     router.bind(lib3, SKILLS)
     path = "model.layers.1.mlp.down_proj"  # 64 -> 32
-    views = [s.load().modules[path] for s in router.sources]
+    views = [head_view(lib3.get(n), h, H).modules[path] for h in range(H) for n in SKILLS]
     w = explicit_weights(router.logits, [0])[0]  # [H, S]
     A_mix = sum(w[h, s] * views[h * 3 + s].A for h in range(H) for s in range(3))
     B_mix = sum(w[h, s] * views[h * 3 + s].B for h in range(H) for s in range(3))
@@ -86,7 +102,7 @@ def test_head_views_reproduce_block_mixing(lib3):
         cols, rows = slice(16 * h, 16 * (h + 1)), slice(8 * h, 8 * (h + 1))
         torch.testing.assert_close(A_mix[:, cols], sum(w[h, s] * skills[s].A[:, cols] for s in range(3)))
         torch.testing.assert_close(B_mix[rows], sum(w[h, s] * skills[s].B[rows] for s in range(3)))
-    assert router.sources[5].key == "s2#head1of4"
+    assert [s.key for s in view_sources(router)][5] == "s2#head1of4"
 
 
 @torch.no_grad()
@@ -110,7 +126,7 @@ def test_decision_rows_constant_per_request_and_sum_to_heads(tiny_model, lib3, n
     RoutedModel(copy.deepcopy(tiny_model), lib3, router=router)
     router.prepare(tasks=["fr", "nope", None])
     x = torch.randn(15, 32)
-    d = router.route(x, RoutingSite("model.layers.0.self_attn.q_proj", torch.arange(3), 5))
+    d = router.route(x, RoutingSite("model.layers.0.self_attn.q_proj", torch.arange(3).repeat_interleave(5)))
     H, S = n_splits, len(SKILLS)
     assert d.indices.shape == d.weights.shape == (15, H * S)
     assert torch.equal(d.indices[0], torch.arange(H * S))
@@ -120,10 +136,10 @@ def test_decision_rows_constant_per_request_and_sum_to_heads(tiny_model, lib3, n
     torch.testing.assert_close(d.weights[0].view(H, S), explicit_weights(router.logits, [1])[0])
     assert torch.equal(d.weights[5:], torch.full((10, H * S), 1 / S))  # unknown task, no task: uniform
     # only some rows (another router serves the others): their own tasks
-    d1 = router.route(x[:5], RoutingSite("model.layers.0.self_attn.q_proj", torch.tensor([0]), 5))
+    d1 = router.route(x[:5], RoutingSite("model.layers.0.self_attn.q_proj", torch.tensor([0]).repeat_interleave(5)))
     assert torch.equal(d1.weights, d.weights[:5])
-    with pytest.raises(ValueError, match="batch row 3 has no task"):
-        router.route(x[:5], RoutingSite("model.layers.0.self_attn.q_proj", torch.tensor([3]), 5))
+    with pytest.raises(ValueError, match="request 3 has no task"):
+        router.route(x[:5], RoutingSite("model.layers.0.self_attn.q_proj", torch.tensor([3]).repeat_interleave(5)))
 
 
 @torch.no_grad()

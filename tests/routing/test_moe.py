@@ -42,7 +42,7 @@ def one_thread():
 
 
 def site(module: str, T: int) -> RoutingSite:
-    return RoutingSite(module, torch.zeros(1, dtype=torch.int64), T)
+    return RoutingSite(module, torch.zeros(T, dtype=torch.int64))
 
 
 def bound(lib, **kwargs) -> MoEGate:

@@ -52,7 +52,7 @@ def test_each_prompt_goes_to_its_adapter_with_softmax_weights(tlib):
     docs = emb.embed_texts([emb.adapter_text(*DESCRIPTIONS[n]) for n in names])
     sims = emb.embed_texts(prompts) @ docs.T  # [R, E]
     S = 5
-    d = router.route(torch.randn(len(prompts) * S, 32), RoutingSite("any", torch.arange(len(prompts)), S))
+    d = router.route(torch.randn(len(prompts) * S, 32), RoutingSite("any", torch.arange(len(prompts)).repeat_interleave(S)))
     assert d.indices.shape == d.weights.shape == (len(prompts) * S, 2)
     for r, hits in enumerate(router.hits):
         rows = slice(r * S, (r + 1) * S)
@@ -98,7 +98,7 @@ def test_generate_routes_each_request_by_its_prompt(tiny_model, tlib):
 def test_sub_batches_read_their_own_rows(tlib):
     router = bound(tlib, top_k=1)
     router.prepare(prompts=list(PROMPTS))
-    d = router.route(torch.randn(4, 32), RoutingSite("any", torch.tensor([3, 1]), 2))
+    d = router.route(torch.randn(4, 32), RoutingSite("any", torch.tensor([3, 1]).repeat_interleave(2)))
     assert [tlib.names()[i] for i in d.indices[:, 0]] == ["sql", "sql", "french", "french"]
 
 
@@ -107,7 +107,7 @@ def test_restricted_adapters_and_search_many(tlib):
     router.prepare(prompts=["What is 17 plus 25?", "Translate into French: hello"])
     assert all({n for n, _ in hits} == {"french", "sql"} for hits in router.hits)
     assert router.hits[1][0][0] == "french"
-    d = router.route(torch.randn(2, 32), RoutingSite("any", torch.arange(2), 1))
+    d = router.route(torch.randn(2, 32), RoutingSite("any", torch.arange(2)))
     assert d.indices.max() <= 1  # positions among the router's two adapters
     many = tlib.search_many(list(PROMPTS), k=3)
     for prompt, hits in zip(PROMPTS, many):
@@ -118,12 +118,15 @@ def test_restricted_adapters_and_search_many(tlib):
 def test_errors_without_prompts(tlib):
     router = bound(tlib)
     with pytest.raises(RuntimeError, match="prepare"):
-        router.route(torch.randn(2, 32), RoutingSite("any", torch.arange(2), 1))
+        router.route(torch.randn(2, 32), RoutingSite("any", torch.arange(2)))
     with pytest.raises(ValueError, match="prompt"):
         router.prepare(tasks=["x"])
-    router.prepare(prompts=["What is 1 plus 1?"])
-    with pytest.raises(ValueError, match="batch row 1 has no prompt"):
-        router.route(torch.randn(2, 32), RoutingSite("any", torch.arange(2), 1))
+    router.prepare(prompts=["What is 1 plus 1?"])  # one prompt: every request's
+    one = router.route(torch.randn(2, 32), RoutingSite("any", torch.arange(2)))
+    assert torch.equal(one.indices[0], one.indices[1])
+    router.prepare(prompts=["What is 1 plus 1?", "Translate to French"])
+    with pytest.raises(ValueError, match="request 2 has no prompt"):
+        router.route(torch.randn(3, 32), RoutingSite("any", torch.arange(3)))
     with pytest.raises(RuntimeError, match="bind"):
         Retrieval().prepare(prompts=["x"])
     with pytest.raises(ValueError, match="temperature"):

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from quiver import Library, RoutedModel
-from quiver.kernels.merge_before import mixture_lora_merge_before
 from quiver.kernels import LoraBank
 from quiver.library import ValidationError
 from quiver.library.synthetic import random_adapter
 from quiver.routing import Arrow, Fixed, RoutingSite, Single, Uniform
+from quiver.runtime import CapacityError
 
 IDS = torch.tensor([[3, 17, 42, 99, 5, 64, 127], [7, 7, 1, 2, 90, 33, 45]])
 
@@ -64,7 +64,7 @@ def test_arrow_decisions_are_top_k_and_normalised(tiny_model, lib6):
     router = Arrow(top_k=3, temperature=0.7)
     RoutedModel(copy.deepcopy(tiny_model), lib6, router=router)
     x = torch.randn(11, 32)
-    site = RoutingSite("model.layers.1.self_attn.k_proj", torch.zeros(1, dtype=torch.int64), 11)
+    site = RoutingSite("model.layers.1.self_attn.k_proj", torch.zeros(11, dtype=torch.int64))
     d = router.route(x, site)
     assert d.indices.shape == (11, 3)
     assert not (d.indices == 5).any()  # a5 has no k_proj: never selected there
@@ -111,30 +111,33 @@ def test_kv_cache_and_sampling_work_unchanged(tiny_model, lib6):
 
 
 @torch.no_grad()
-def test_capacity_evicts_lru_and_keeps_results(tiny_model, lib6):
-    ids = IDS[:1, :2]  # 2 tokens × top-1: at most 2 adapters per call
+def test_capacity_evicts_lru_between_steps_and_keeps_results(tiny_model, lib6):
     full = RoutedModel(copy.deepcopy(tiny_model), lib6, router=Arrow(top_k=1))
     small = RoutedModel(copy.deepcopy(tiny_model), lib6, router=Arrow(top_k=1), capacity=2)
-    torch.testing.assert_close(small(ids).logits, full(ids).logits, atol=1e-5, rtol=0)
+    for names in (["a0", "a1"], ["a2", "a3"], ["a0", "a4"]):  # each step fits; the bank turns over
+        r = Fixed({names[0]: 0.7, names[1]: 0.3})
+        torch.testing.assert_close(small(IDS, routers=[r]).logits, full(IDS, routers=[r]).logits, atol=1e-5, rtol=0)
     assert small.bank.loads > 2 and len([k for k in small.bank.keys if k]) == 2
-    tight = RoutedModel(copy.deepcopy(tiny_model), lib6, router=Arrow(top_k=2), capacity=1)
-    with pytest.raises(RuntimeError, match=r"bank capacity 1 is smaller than the [23] adapters one call needs"):
+
+
+@torch.no_grad()
+def test_over_capacity_router_loads_what_it_selects_pinned_for_the_step(tiny_model, lib6):
+    """Arrow over 6 adapters with a smaller bank: each step loads the adapters its tokens select
+    (in every module), keeps them for the whole step, and equals the unbounded model; one
+    adapter fewer than the step selects is a clear error, never a wrong result."""
+    ids = IDS[:1, :1]
+    full = RoutedModel(copy.deepcopy(tiny_model), lib6, router=Arrow(top_k=1))
+    with full.tracing() as tr:
+        want = full(ids).logits
+    used = {a for tokens in tr.per_token().values() for slots in tokens for a, _ in slots}
+    assert 1 < len(used) < 6, used
+    fits = RoutedModel(copy.deepcopy(tiny_model), lib6, router=Arrow(top_k=1), capacity=len(used))
+    torch.testing.assert_close(fits(ids).logits, want, atol=1e-5, rtol=0)
+    tight = RoutedModel(copy.deepcopy(tiny_model), lib6, router=Arrow(top_k=1), capacity=len(used) - 1)
+    with pytest.raises(CapacityError, match=rf"needs {len(used)} adapters resident at once, more than the bank "
+                                            rf"capacity {len(used) - 1}"):
         tight(ids)
-
-
-def test_merge_before_equals_its_formula():
-    g = torch.Generator().manual_seed(0)
-    factors = [(torch.randn(4, 9, generator=g), torch.randn(7, 4, generator=g)) for _ in range(3)]
-    bank = LoraBank.from_factors(factors, scalings=[0.5, 1.0, 2.0])
-    x = torch.randn(5, 9, generator=g)
-    idx = torch.tensor([[0, 1], [2, -1], [1, 1], [-1, -1], [2, 0]])
-    w = torch.tensor([[0.3, 0.7], [1.0, 0.0], [0.4, 0.6], [0.0, 0.0], [0.9, 0.1]])
-    got = mixture_lora_merge_before(x, bank, idx, w)
-    for t in range(5):
-        A_mix = sum((w[t, j] * factors[e][0] for j, e in enumerate(idx[t].tolist()) if e >= 0), torch.zeros(4, 9))
-        B_mix = sum((w[t, j] * [0.5, 1.0, 2.0][e] * factors[e][1] for j, e in enumerate(idx[t].tolist()) if e >= 0),
-                    torch.zeros(7, 4))
-        torch.testing.assert_close(got[t], B_mix @ A_mix @ x[t], atol=1e-5, rtol=1e-5)
+    assert not tight.bank.pinned  # the failed step released its pins
 
 
 @torch.no_grad()
@@ -182,7 +185,7 @@ def test_wrong_base_model_and_unsupported_layers(tiny_model, lib6):
     q = odd.model.layers[1].self_attn.q_proj
     odd.model.layers[1].self_attn.q_proj = MyLinear(q.in_features, q.out_features, bias=False)
     odd.model.layers[1].self_attn.q_proj.weight = q.weight
-    with pytest.raises(TypeError, match=r"model\.layers\.1\.self_attn\.q_proj is a MyLinear; RoutedModel adapts torch\.nn\.Linear"):
+    with pytest.raises(TypeError, match=r"model\.layers\.1\.self_attn\.q_proj is a MyLinear; Quiver adapts torch\.nn\.Linear"):
         RoutedModel(odd, lib6)
     with pytest.raises(LookupError, match=r"adapter\(s\) not in the library .*\['nope'\]"):
         RoutedModel(copy.deepcopy(tiny_model), lib6, adapters=["a0", "nope"])

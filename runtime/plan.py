@@ -1,0 +1,175 @@
+"""The step plan: everything a forward needs to route, built once before any layer runs.
+
+Index legend: Bt = batch rows, S = sequence length, T = tokens of the step, R = requests,
+k = slots per token, G = router groups.
+
+The path of a request through the engine::
+
+    requests ──► Engine.begin (pre-hook of the model's forward) ──► StepPlan
+      routers per request,        token → request map [T] (left-padded rows or packed
+      packed request_ids          sequences), requests grouped by router, bank slots
+                                  resolved and pinned for the step
+    layers ──► MixtureLinear: y = base(x) + plan.delta(x, path)
+                 └─ per group: router.route(x[tokens], site) → local decision → bank slots
+                 └─ kernels.mixture_lora(x, bank, indices, weights, mode=...) per mixing mode
+    tokens ◄── logits; Engine.end (post-hook) unpins the bank
+
+Layers only read the plan. The bank is read-only during the step: every adapter a decision of
+the step may point at was pinned when the plan was built, or (a router whose adapters cannot
+all be resident) is loaded and pinned when the router selects it; a step that needs more than
+the bank holds fails with :class:`~quiver.runtime.bank.CapacityError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from quiver.kernels import build_meta, mixture_lora
+from quiver.kernels.dispatch import MODES, SMALL_SLOTS
+from quiver.routing import Router, RoutingDecision, RoutingSite
+
+
+@dataclass
+class Group:
+    """The requests one router serves in this step."""
+
+    index: int
+    router: Router
+    tokens: Tensor | None  # int64 [T_g]: the flat tokens of its requests; None = every token
+    request_ids: Tensor  # int64 [T_g]: the request of each of those tokens
+    slots: Tensor | None  # int64 [n]: router-local index -> bank slot; None = loads what it selects
+    identity: bool = field(default=False)  # slots == arange: no translation needed
+
+    @property
+    def mode(self) -> str:
+        return self.router.mode
+
+
+class StepPlan:
+    """One forward's routing (see the module docstring)."""
+
+    def __init__(self, source, groups: list[Group], num_tokens: int, backend: str, trace=None):
+        self.source, self.groups, self.num_tokens = source, groups, num_tokens
+        self.backend, self.trace = backend, trace
+        self._static: dict[int, tuple[RoutingDecision, object]] = {}
+        self._modes = [m for m in MODES if any(g.mode == m for g in groups)]
+        self._single = groups[0] if len(groups) == 1 and groups[0].tokens is None else None
+
+    def delta(self, x: Tensor, path: str) -> Tensor:  # x: [..., d_in] -> [T, d_out]
+        flat = x.reshape(-1, x.shape[-1])  # [T, d_in]
+        if flat.shape[0] != self.num_tokens:
+            raise RuntimeError(f"{path} received {flat.shape[0]} tokens, the step plan has {self.num_tokens}")
+        xin = self.source.dropout(flat)
+        out = None
+        for mode in self._modes:
+            if self._single is not None:
+                decision, meta = self._decide(self._single, flat, path)
+            else:
+                decision, meta = self._assemble(flat, path, [g for g in self.groups if g.mode == mode])
+            bank = self.source.bank_of(path)  # after routing: a selective router may have loaded
+            if self.trace is not None:
+                self.trace.record(path, x.shape[:-1], decision, self.source.keys)
+            xb = xin if xin.dtype == bank.dtype else xin.to(bank.dtype)
+            d = mixture_lora(xb, bank, decision.indices, decision.weights.to(bank.dtype), meta=meta,
+                             backend=self.backend, mode=mode).to(x.dtype)
+            out = d if out is None else out + d
+        return out
+
+    def _assemble(self, flat: Tensor, path: str, parts: list[Group]):
+        """One ``[T, k]`` decision from the groups of one mixing mode (-1 where a group has no
+        slot or the token is another mode's)."""
+        if len(parts) == 1 and parts[0].tokens is None:
+            return self._decide(parts[0], flat, path)
+        decisions = [(g.tokens, self._decide(g, flat, path)[0]) for g in parts]
+        T = flat.shape[0]
+        k = max(d.indices.shape[1] for _, d in decisions)
+        idx = torch.full((T, k), -1, dtype=torch.int64, device=flat.device)
+        w = flat.new_zeros(T, k)
+        for tok, d in decisions:
+            idx[tok, : d.indices.shape[1]] = d.indices
+            w[tok, : d.weights.shape[1]] = d.weights.to(w.dtype)
+        return RoutingDecision(idx, w), None
+
+    def _decide(self, g: Group, flat: Tensor, path: str):
+        static = not g.router.per_token  # one decision per step, reused by every module
+        if static and g.index in self._static:
+            return self._static[g.index]
+        x = flat if g.tokens is None else flat[g.tokens]
+        local = g.router.route(x, RoutingSite(path, g.request_ids))
+        if g.identity:
+            decision = local
+        else:
+            table = g.slots if g.slots is not None else self.source.load_selected(g.router, local.indices)
+            decision = RoutingDecision(torch.where(local.indices >= 0, table[local.indices.clamp_min(0)], -1),
+                                       local.weights)
+        meta = None
+        if static and g.tokens is None and decision.indices.numel() > SMALL_SLOTS:
+            meta = build_meta(decision.indices, decision.weights, self.source.num_slots)
+        if static:
+            self._static[g.index] = (decision, meta)
+        return decision, meta
+
+
+class Engine:
+    """What a wrapped model's layers share: the adapter source, the default router, the
+    current plan. The RoutedModel's forward pre-hook calls :meth:`begin`, its post-hook
+    :meth:`end`."""
+
+    def __init__(self, source, router: Router, backend: str = "auto"):
+        self.source, self.router, self.backend = source, router, backend
+        self.plan: StepPlan | None = None
+        self.trace = None
+        self.requests: list[Router | None] | None = None  # router per request (None: default)
+        self.request_ids: Tensor | None = None  # packed sequences: the request of each token
+
+    def begin(self, shape: tuple[int, ...], device) -> StepPlan:
+        """Build the plan for an input of ``shape`` ``[Bt, S]`` (ids) or ``[Bt, S, d]``."""
+        Bt, S = shape[0], shape[1] if len(shape) > 1 else 1
+        T = Bt * S
+        routers = self.requests
+        if self.request_ids is not None:
+            rid = self.request_ids.reshape(-1).to(device)
+            if rid.numel() != T:
+                raise ValueError(f"request_ids covers {rid.numel()} tokens, the input holds {T}")
+            n_req = len(routers) if routers is not None else int(rid.max()) + 1 if T else 0
+            if T and (int(rid.min()) < 0 or int(rid.max()) >= n_req):
+                raise ValueError(f"request_ids must lie in [0, {n_req}); got [{int(rid.min())}, {int(rid.max())}]")
+        else:
+            n_req = len(routers) if routers is not None else Bt
+            if n_req == 0 or Bt % n_req:
+                raise ValueError(f"{n_req} routers for a batch of {Bt} rows")
+            per = Bt // n_req  # beams / return sequences are contiguous rows of one request
+            rid = (torch.arange(Bt, device=device) // per).repeat_interleave(S)  # [T]
+        chosen = [self.router] * max(n_req, 1) if routers is None else [r or self.router for r in routers]
+        order: dict[int, int] = {}
+        for r in chosen:
+            order.setdefault(id(r), len(order))
+        unique = list({id(r): r for r in chosen}.values())
+        self.source.begin_step()
+        try:
+            groups = []
+            if len(unique) > 1:
+                of_token = torch.tensor([order[id(r)] for r in chosen], device=device)[rid]  # [T]: group
+            for gi, router in enumerate(unique):
+                self.source.bind(router)
+                if len(unique) == 1:
+                    tokens, g_rid = None, rid
+                else:
+                    tokens = torch.nonzero(of_token == gi).squeeze(1)  # [T_g]
+                    g_rid = rid[tokens]
+                groups.append(Group(gi, router, tokens, g_rid, None))
+            for g in groups:  # resolve (and pin) after binding, in request order
+                g.slots = self.source.slots(g.router)
+                g.identity = g.slots is not None and torch.equal(g.slots.cpu(), torch.arange(g.slots.numel()))
+        except BaseException:
+            self.source.end_step()
+            raise
+        self.plan = StepPlan(self.source, groups, T, self.backend, self.trace)
+        return self.plan
+
+    def end(self) -> None:
+        self.plan = None
+        self.source.end_step()
