@@ -144,3 +144,30 @@ def test_two_routed_models_over_different_libraries_in_one_process(tiny_model, t
         assert (alone1 - alone2).abs().max() > 1e-3
         with pytest.raises(ValueError, match="already wrapped by a routed model"):
             RoutedModel(m1.model, lib9)
+
+
+@torch.no_grad()
+def test_over_capacity_router_in_a_mixed_batch_with_merge_before(tiny_model, lib9):
+    """With a Single request and a merge-before MHR request pinned first (4 adapters), Arrow over
+    the 6 task adapters cannot also be resident in a bank smaller than 10: it loads what its
+    tokens select, pinned next to them; every row equals the same row alone on an unbounded
+    model, and one slot fewer than the step needs is a clear error."""
+    mhr = MHR(["sql"], n_splits=1, adapters=SKILLS)
+    with torch.no_grad():
+        mhr.logits.normal_(0, 2, generator=torch.Generator().manual_seed(1))
+    routers = [Single("a1"), mhr, Arrow(top_k=1, adapters=TASK_ADAPTERS)]
+    prompts = [[8], [40], [5]]
+    full = RoutedModel(copy.deepcopy(tiny_model), lib9)
+    with full.tracing() as tr:
+        full(input_ids=torch.tensor([prompts[2]]), routers=[routers[2]])
+    chosen = {a for tokens in tr.per_token().values() for slots in tokens for a, _ in slots}
+    need = len(chosen | {"a1"} | set(SKILLS))
+    assert need < 10, chosen
+    rm = RoutedModel(copy.deepcopy(tiny_model), lib9, capacity=need)
+    batch = rm(input_ids=torch.tensor(prompts), routers=routers).logits
+    for i, (p, r) in enumerate(zip(prompts, routers)):
+        torch.testing.assert_close(batch[i], full(input_ids=torch.tensor([p]), routers=[r]).logits[0],
+                                   atol=1e-5, rtol=0, msg=f"request {i}")
+    with pytest.raises(CapacityError, match=rf"more than the bank capacity {need - 1}"):
+        RoutedModel(copy.deepcopy(tiny_model), lib9, capacity=need - 1)(input_ids=torch.tensor(prompts),
+                                                                        routers=routers)
