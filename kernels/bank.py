@@ -17,7 +17,7 @@ Layout decisions:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -34,6 +34,8 @@ class LoraBank:
     A: Tensor  # [E, R, d_in]
     B: Tensor  # [E, d_out, R]
     ranks: Tensor  # int32 [E], 0 <= ranks[e] <= R
+    host_ranks: tuple[int, ...] | None = field(default=None, compare=False, repr=False)  # ranks, if the
+    # caller knows them on the host: then reading them needs no device sync
 
     def __post_init__(self) -> None:
         A, B, ranks = self.A, self.B, self.ranks
@@ -91,7 +93,7 @@ class LoraBank:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LoraBank:
         """The same bank on another device and/or with factors in another floating dtype."""
         return LoraBank(self.A.to(device=device, dtype=dtype), self.B.to(device=device, dtype=dtype),
-                        self.ranks.to(device=device))
+                        self.ranks.to(device=device), self.host_ranks)
 
     @property
     def num_adapters(self) -> int:
@@ -119,8 +121,13 @@ class LoraBank:
 
     @cached_property
     def rank_list(self) -> tuple[int, ...]:
-        """``ranks`` on the host (one device sync, once per bank)."""
-        return tuple(self.ranks.tolist())
+        """``ranks`` on the host (``host_ranks``, or one device sync, once per bank)."""
+        return self.host_ranks if self.host_ranks is not None else tuple(self.ranks.tolist())
+
+    @cached_property
+    def padded(self) -> bool:
+        """Some adapter's rank is below R (its padding must be masked)."""
+        return min(self.rank_list, default=0) < self.max_rank
 
     @cached_property
     def rank_views(self) -> tuple[tuple[Tensor, Tensor], ...]:

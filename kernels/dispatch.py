@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from .bank import LoraBank
-from .merge_before import mixture_lora_merge_before, mixture_lora_merge_before_reference
+from .merge_before import (mixture_lora_merge_before, mixture_lora_merge_before_dense,
+                           mixture_lora_merge_before_reference)
 from .meta import MixtureMeta, build_meta
 from .torch_ref import mixture_lora_gather, mixture_lora_grouped, mixture_lora_reference
 
@@ -36,11 +37,19 @@ MODES = ("merge-after", "merge-before")
 FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
 
 
+def sync_free(device: torch.device) -> bool:
+    """Devices whose steps never read tensor data back to the host: CUDA (a read is a
+    synchronisation, and a step with none can be captured in a CUDA graph) and ``meta``
+    (shapes without data: a step planned on it shows, without a GPU, that nothing reads back)."""
+    return device.type in ("cuda", "meta")
+
+
 def _triton_device(device: torch.device) -> bool:
-    """CUDA, or the CPU under Triton's interpreter (TRITON_INTERPRET=1 before importing triton)."""
+    """CUDA (or meta, which plans launches without running them), or the CPU under Triton's
+    interpreter (TRITON_INTERPRET=1 before importing triton)."""
     if importlib.util.find_spec("triton") is None:
         return False
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return sync_free(device) or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @dataclass(frozen=True)
@@ -74,22 +83,33 @@ def _gather(x, bank, indices, weights, meta):
     return mixture_lora_gather(x, bank, indices, weights)
 
 
+def _exact(meta, indices, weights, bank):
+    """The grouped paths loop on the host over active adapters: they need exact metadata."""
+    return meta if meta is not None and meta.exact else build_meta(indices, weights, bank.num_adapters)
+
+
 def _grouped(x, bank, indices, weights, meta):
-    return mixture_lora_grouped(x, bank, meta or build_meta(indices, weights, bank.num_adapters))
+    return mixture_lora_grouped(x, bank, _exact(meta, indices, weights, bank))
 
 
 def _triton(x, bank, indices, weights, meta):
     from .triton_mixture import mixture_lora_triton
 
-    return mixture_lora_triton(x, bank, meta or build_meta(indices, weights, bank.num_adapters))
+    # On CUDA the metadata is built without a host read (a graph-capturable step).
+    exact = not sync_free(x.device)
+    return mixture_lora_triton(x, bank, meta or build_meta(indices, weights, bank.num_adapters, exact=exact))
 
 
 def _merge_before_reference(x, bank, indices, weights, meta):
     return mixture_lora_merge_before_reference(x, bank, indices, weights)
 
 
+def _merge_before_dense(x, bank, indices, weights, meta):
+    return mixture_lora_merge_before_dense(x, bank, indices, weights)
+
+
 def _merge_before_grouped(x, bank, indices, weights, meta):
-    return mixture_lora_merge_before(x, bank, meta or build_meta(indices, weights, bank.num_adapters))
+    return mixture_lora_merge_before(x, bank, _exact(meta, indices, weights, bank))
 
 
 _ANY = lambda device: True  # noqa: E731
@@ -99,6 +119,7 @@ BACKENDS: dict[str, Backend] = {
     "gather": Backend({"merge-after": _gather}, _ANY, FLOATS, autograd=True, device_note="any device"),
     "grouped": Backend({"merge-after": _grouped, "merge-before": _merge_before_grouped},
                        _ANY, FLOATS, autograd=True, device_note="any device"),
+    "dense": Backend({"merge-before": _merge_before_dense}, _ANY, FLOATS, autograd=True, device_note="any device"),
     "triton": Backend({"merge-after": _triton}, _triton_device,
                       frozenset({torch.float32, torch.float16, torch.bfloat16}), autograd=True,
                       device_note="it runs on cuda, or on cpu under TRITON_INTERPRET=1"),
@@ -111,12 +132,16 @@ SMALL_SLOTS = 32
 
 def preference(x: Tensor, slots: int, mode: str = "merge-after") -> list[str]:
     """The order ``auto`` tries backends in: gathering for small calls (``slots`` = T·k <=
-    SMALL_SLOTS), else Triton on CUDA, else the grouped torch path; the reference last."""
+    SMALL_SLOTS), else Triton on CUDA, else the grouped torch path; the reference last.
+    Merge-before: the reference for small calls, else the dense path on CUDA (no host read),
+    else the grouped path."""
     if mode == "merge-before":
-        return ["reference", "grouped"] if slots <= SMALL_SLOTS else ["grouped", "reference"]
+        if slots <= SMALL_SLOTS:
+            return ["reference", "grouped"]
+        return ["dense", "reference"] if sync_free(x.device) else ["grouped", "reference"]
     if slots <= SMALL_SLOTS:
         return ["gather", "grouped", "reference"]
-    return (["triton"] if x.is_cuda else []) + ["grouped", "reference"]
+    return (["triton"] if sync_free(x.device) else []) + ["grouped", "reference"]
 
 
 def needs_grad(x: Tensor, bank: LoraBank, weights: Tensor) -> bool:
@@ -129,6 +154,21 @@ def pick_backend(x: Tensor, slots: int | None = None, mode: str = "merge-after",
         if BACKENDS[name].refusal(x, mode, grad) is None:
             return name
     raise ValueError(f"no mixture_lora backend supports {mode} on {x.device} in {x.dtype}")
+
+
+def resolve_backend(x: Tensor, bank: LoraBank, weights: Tensor, slots: int, backend: str = "auto",
+                    mode: str = "merge-after") -> str:
+    """The backend a call runs on: ``auto``'s pick, or the named one if it supports the call."""
+    grad = needs_grad(x, bank, weights)
+    if backend == "auto":
+        return pick_backend(x, slots, mode, grad)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown mixture_lora backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
+    why = BACKENDS[backend].refusal(x, mode, grad)
+    if why is not None:
+        raise ValueError(f"mixture_lora backend {backend!r} {why}; use backend='auto' or another of "
+                         f"{', '.join(BACKENDS)}")
+    return backend
 
 
 def mixture_lora(
@@ -160,16 +200,7 @@ def mixture_lora(
                          f"must share one shape [..., k]")
     if not weights.dtype.is_floating_point:
         raise ValueError(f"weights must be floating point; got {weights.dtype}")
-    grad = needs_grad(x, bank, weights)
-    if backend == "auto":
-        backend = pick_backend(x, indices.numel(), mode, grad)
-    elif backend not in BACKENDS:
-        raise ValueError(f"unknown mixture_lora backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
-    else:
-        why = BACKENDS[backend].refusal(x, mode, grad)
-        if why is not None:
-            raise ValueError(f"mixture_lora backend {backend!r} {why}; use backend='auto' or another of "
-                             f"{', '.join(BACKENDS)}")
+    backend = resolve_backend(x, bank, weights, indices.numel(), backend, mode)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, bank.d_in)  # [T, d_in]
     k = indices.shape[-1]

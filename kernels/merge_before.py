@@ -60,3 +60,25 @@ def mixture_lora_merge_before(x: Tensor, bank: LoraBank, meta: MixtureMeta) -> T
         part = w * (h[tok, :r] @ bank.B[e, :, :r].float().T)  # [n_e, d_out]
         out = out.index_add(0, tok, part) if grad else out.index_add_(0, tok, part)
     return out.to(x.dtype)
+
+
+def mixture_lora_merge_before_dense(x: Tensor, bank: LoraBank, indices: Tensor, weights: Tensor) -> Tensor:
+    """Over every bank slot at once, no metadata and no host read (CUDA steps, graph capture):
+    with ``W [T, E]`` the decision scattered densely (0 for unrouted slots),
+
+        h_t     = Σ_e W[t,e] · A_e x_t        = Σ_e W[t,e] · (x A_flat^T)[t, e, :]
+        delta_t = (W[t] ⊗ h_t) B_flat          with B_flat [E·R, d_out], B_flat[e·R + r] = B_e[:, r]
+
+    Two GEMMs of ``T × E·R``: the right cost when a decision uses most of the bank (MHR routes
+    every token over all its head views), E/k times too much for a sparse top-k decision.
+    """
+    # x: [T, d_in], indices / weights: [T, k]
+    T, (E, R) = x.shape[0], bank.A.shape[:2]
+    real = torch.arange(R, device=x.device) < bank.ranks[:, None]  # [E, R]
+    A = torch.where(real[:, :, None], bank.A, 0).reshape(E * R, bank.d_in)  # [E·R, d_in]
+    B = torch.where(real[:, None, :], bank.B, 0).transpose(1, 2).reshape(E * R, bank.d_out)  # [E·R, d_out]
+    W = x.new_zeros(T, E, dtype=torch.float32).scatter_add(  # [T, E]
+        1, indices.clamp(min=0).long(), torch.where(indices >= 0, weights.float(), 0))
+    h = ((x.float() @ A.float().T).view(T, E, R) * W[:, :, None]).sum(1)  # [T, R]
+    out = (W[:, :, None] * h[:, None, :]).reshape(T, E * R) @ B.float()  # [T, d_out]
+    return out.to(x.dtype)

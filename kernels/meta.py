@@ -11,10 +11,17 @@ segment, the pairs in slot order (so token ids are non-decreasing there).
 
 The metadata depends on the decision and E only, not on the module's dimensions, so modules
 that share a decision (one router for several projections) share one ``MixtureMeta``.
-Building it costs one device-to-host copy of ``E + 2`` counts (the host needs the active
-adapters and the largest segment to size loops and launch grids) and the copy of the active
-list back: one synchronisation per decision, ~0.35 ms of host time on a CUDA device (mostly
-launch overhead of a dozen small ops), negligible on CPU.
+
+Two flavours:
+- ``exact=True`` (CPU, the grouped backend): one device-to-host copy of ``E + 2`` counts gives
+  the host the active adapters and the largest segment, to size Python loops; it also checks
+  that every index is in range.
+- ``exact=False`` (CUDA, the Triton backend): no host read at all. The host fields hold upper
+  bounds instead (every adapter "active", segments up to T·k long); a launch grid sized by them
+  has programs that find an empty segment and exit. A decode step then launches a fixed
+  sequence of kernels whatever the routing, which a CUDA graph can capture. Indices are
+  trusted (routers produce them with ``topk``; out-of-range ones are never read: they sort
+  past every segment).
 """
 
 from __future__ import annotations
@@ -39,16 +46,18 @@ class MixtureMeta:
     counts: Tensor  # int64 [E]: pairs per adapter
     offsets: Tensor  # int64 [E + 1]: adapter e's pairs are pair_ids[offsets[e]:offsets[e+1]]
     active_adapters: Tensor  # int64 [G]: adapters with counts > 0, ascending
-    active: tuple[int, ...]  # host copy of active_adapters
-    active_counts: tuple[int, ...]  # host copy of counts[active_adapters]
-    num_pairs: int  # N
-    max_count: int  # the longest adapter segment, 0 when nothing is routed
+    active: tuple[int, ...] | None  # host copy of active_adapters (None: not read, exact=False)
+    active_counts: tuple[int, ...] | None  # host copy of counts[active_adapters] (likewise)
+    num_pairs: int  # N (exact=False: the bound T·k; pair_ids then also holds the empty slots, last)
+    max_count: int  # the longest adapter segment (exact=False: the bound T·k)
+    exact: bool = True
 
 
-def build_meta(indices: Tensor, weights: Tensor, num_adapters: int) -> MixtureMeta:
+def build_meta(indices: Tensor, weights: Tensor, num_adapters: int, exact: bool = True) -> MixtureMeta:
     """Regroup ``indices [T, k]`` / ``weights [T, k]`` by adapter for a bank of ``num_adapters``.
 
-    Slots with index -1 are dropped; any other index outside ``[0, num_adapters)`` is an error.
+    Slots with index -1 are dropped; with ``exact`` any other index outside
+    ``[0, num_adapters)`` is an error. ``exact=False``: no host read (see the module docstring).
     """
     if indices.dim() != 2 or weights.shape != indices.shape:
         raise ValueError(f"build_meta wants indices and weights of one shape [T, k]; got "
@@ -64,6 +73,15 @@ def build_meta(indices: Tensor, weights: Tensor, num_adapters: int) -> MixtureMe
     order = torch.sort(key, stable=True).indices  # [T*k]
     bins = torch.zeros(E + 2, dtype=torch.int64, device=key.device)  # [E + 2]
     bins.scatter_add_(0, key, torch.ones_like(key))  # (bincount would sync once more on CUDA)
+    if not exact:
+        counts = bins[:E]  # [E]
+        slot_adapters = slot_adapters.masked_fill(invalid, -1)  # never read out of range
+        return MixtureMeta(
+            num_tokens=T, top_k=k, num_adapters=E, slot_adapters=slot_adapters, pair_ids=order,
+            token_ids=order // k, pair_weights=weights.reshape(-1)[order].float(), counts=counts,
+            offsets=torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0)),
+            active_adapters=torch.arange(E, device=indices.device), active=None, active_counts=None,
+            num_pairs=T * k, max_count=T * k, exact=False)
     host = bins.tolist()  # the one device-to-host copy
     if host[E + 1]:
         bad = slot_adapters[invalid][:5].tolist()

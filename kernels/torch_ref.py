@@ -56,7 +56,7 @@ def mixture_lora_gather(x: Tensor, bank: LoraBank, indices: Tensor, weights: Ten
     h = torch.bmm(x.unsqueeze(1), A.transpose(1, 2)).view(T * k, R)  # [T*k, R]   shrink
     h = h * torch.where(indices >= 0, weights, 0).to(x.dtype).reshape(-1, 1)  # gate
     Bt = bank.B.index_select(0, slot).transpose(1, 2)  # [T*k, R, d_out]
-    if min(bank.rank_list, default=0) < R:
+    if bank.padded:
         real = torch.arange(R, device=x.device) < bank.ranks.index_select(0, slot)[:, None]  # [T*k, R]
         h = torch.where(real, h, 0)  # where, not *: padding may hold NaN
         Bt = torch.where(real[:, :, None], Bt, 0)

@@ -41,6 +41,7 @@ On CPU these kernels run under ``TRITON_INTERPRET=1`` (set before triton is impo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -154,6 +155,10 @@ class _TritonMixture(torch.autograd.Function):
         dA = torch.zeros(A.shape, dtype=torch.float32, device=A.device) if need_A else None
         dB = torch.zeros(B.shape, dtype=torch.float32, device=B.device) if need_B else None
         dw = torch.zeros(pw.shape, dtype=torch.float32, device=pw.device) if need_w else None
+        if not meta.exact:  # the backward may read the host (training is not graph-captured)
+            counts = meta.counts.tolist()
+            meta = dataclasses.replace(meta, active=tuple(e for e, n in enumerate(counts) if n),
+                                       active_counts=tuple(n for n in counts if n))
         lo = 0
         for e, n in zip(meta.active, meta.active_counts):
             r = bank.rank_list[e]
@@ -176,8 +181,21 @@ class _TritonMixture(torch.autograd.Function):
 
 def _launch(x: Tensor, bank: LoraBank, meta: MixtureMeta) -> Tensor:
     """Launch shrink then expand; returns ``delta: [T, d_out]`` in x's dtype."""
+    out, launches = launch_plan(x, bank, meta)
+    for kernel, grid, args, kwargs in launches:
+        kernel[grid](*args, **kwargs)
+    return out
+
+
+def launch_plan(x: Tensor, bank: LoraBank, meta: MixtureMeta):
+    """The output buffer and the kernel launches ``(kernel, grid, args, kwargs)`` of one call.
+
+    Everything here is computed from shapes and the metadata's host fields, which for
+    ``exact=False`` metadata are bounds (grid: every adapter × T·k rows): no host read of tensor
+    data, so a CUDA step is free of synchronisation (tested under FakeTensorMode).
+    """
     # x: [T, d_in]
-    assert x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1", \
+    assert x.is_cuda or x.is_meta or os.environ.get("TRITON_INTERPRET") == "1", \
         "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 set before importing triton)"
     assert x.dim() == 2 and x.shape[1] == bank.d_in, f"x {tuple(x.shape)} vs bank d_in {bank.d_in}"
     assert x.dtype == bank.dtype and x.dtype in (torch.float32, torch.float16, torch.bfloat16), \
@@ -188,8 +206,9 @@ def _launch(x: Tensor, bank: LoraBank, meta: MixtureMeta) -> Tensor:
     E, d_out, R = bank.B.shape
     k = meta.top_k
     out = torch.empty(T, d_out, dtype=x.dtype, device=x.device)  # [T, d_out]
+    launches = []
     if T == 0:
-        return out
+        return out, launches
     h = torch.empty(T * k, R, dtype=torch.float32, device=x.device)  # [T*k, R], read up to r_e only
 
     if meta.num_pairs:
@@ -200,8 +219,9 @@ def _launch(x: Tensor, bank: LoraBank, meta: MixtureMeta) -> Tensor:
         # bound registers (ranks above 32 take more steps). Not autotuned.
         block_m = min(64, max(16, triton.next_power_of_2(meta.max_count)))
         block_r = min(32, max(16, triton.next_power_of_2(R)))
-        grid = (triton.cdiv(meta.max_count, block_m), len(meta.active))
-        _shrink_kernel[grid](
+        groups = E if meta.active is None else len(meta.active)
+        grid = (triton.cdiv(meta.max_count, block_m), groups)
+        launches.append((_shrink_kernel, grid, (
             x, bank.A, h,
             meta.token_ids, meta.pair_ids, meta.pair_weights,
             meta.active_adapters, meta.offsets, meta.counts, bank.ranks,
@@ -209,22 +229,22 @@ def _launch(x: Tensor, bank: LoraBank, meta: MixtureMeta) -> Tensor:
             x.stride(0), x.stride(1),
             bank.A.stride(0), bank.A.stride(1), bank.A.stride(2),
             h.stride(0), h.stride(1),
+        ), dict(
             BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=64,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 or upcast else "tf32",
             UPCAST=upcast,
-        )
+        )))
 
     # A [16, 64, 8] register tile per slot step. On an H100, larger tiles were slower, and a 2-D
     # variant looping over single ranks was no faster at r <= 16 (~8% faster at r = 64, k = 8).
     block_m, block_n = 16, 64
     grid = (triton.cdiv(T, block_m), triton.cdiv(d_out, block_n))
-    _expand_kernel[grid](
+    launches.append((_expand_kernel, grid, (
         h, bank.B, out,
         meta.slot_adapters, bank.ranks,
         T, d_out,
         h.stride(0), h.stride(1),
         bank.B.stride(0), bank.B.stride(1), bank.B.stride(2),
         out.stride(0), out.stride(1),
-        TOP_K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=min(8, triton.next_power_of_2(R)),
-    )
-    return out
+    ), dict(TOP_K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=min(8, triton.next_power_of_2(R)))))
+    return out, launches

@@ -78,13 +78,14 @@ class Arrow(Router):
 
     def route(self, x: Tensor, site: RoutingSite) -> RoutingDecision:  # x: [T, d_in]
         key = (site.module, x.device, x.dtype)
-        if key not in self._on_device:
-            present = self._present[site.module]
+        if key not in self._on_device:  # host-side facts computed once: no device read per step
+            present = self._present[site.module]  # bool [E], on the host
+            n = int(present.sum())
             self._on_device[key] = (self._protos[site.module].T.to(x.device, x.dtype).contiguous(),
-                                    None if bool(present.all()) else present.to(x.device))
-        Pt, present = self._on_device[key]  # Pt: [d_in, E]; present: bool [E] or None (all)
+                                    None if n == present.numel() else present.to(x.device), n)
+        Pt, present, n_present = self._on_device[key]  # Pt: [d_in, E]; present: bool [E] or None (all)
         sim = (x @ Pt).abs()  # [T, E]
-        idx, w = top_k_softmax(sim, self.top_k, self.temperature, present)  # [T, k]
+        idx, w = top_k_softmax(sim, self.top_k, self.temperature, present, n_present)  # [T, k]
         return RoutingDecision(idx, w)
 
 

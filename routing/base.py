@@ -80,25 +80,25 @@ class RoutingSite:
     request_ids: Tensor  # int64 [T]: the request of each token of x (its index in prepare's lists)
 
 
-def top_k_softmax(logits: Tensor, k: int, temperature: float = 1.0,
-                  present: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def top_k_softmax(logits: Tensor, k: int, temperature: float = 1.0, present: Tensor | None = None,
+                  n_present: int | None = None) -> tuple[Tensor, Tensor]:
     """The sparse gate shared by Arrow and the MoE gate.
 
-    ``logits: [T, E]``; ``present: bool [E]`` (None = all) marks the adapters that exist at this
-    module. Returns ``indices int64 [T, k']`` and ``weights [T, k']`` (k' = min(k, E)):
+    ``logits: [T, E]``; ``present: bool [E]`` marks the adapters that exist at this module
+    (None = all) and ``n_present`` is its count, known on the host (so routing reads nothing back
+    from the device: a CUDA step stays free of synchronisation). Returns ``indices int64 [T, k']``
+    and ``weights [T, k']`` (k' = min(k, E)):
 
         S = top-k over present adapters of logits,    w = softmax_{e ∈ S}(logits_e / temperature)
 
     When fewer than k' adapters are present, the missing slots get index -1 and weight 0 (never
     NaN). Differentiable w.r.t. ``logits`` through the selected entries.
     """
-    if present is not None and bool(present.all()):
-        present = None
     if present is not None:
         logits = logits.masked_fill(~present, float("-inf"))
     top, idx = logits.topk(min(k, logits.shape[-1]), dim=-1)  # [T, k']
     w = torch.softmax(top / temperature, dim=-1)
-    if present is not None and int(present.sum()) < idx.shape[1]:
+    if present is not None and (n_present if n_present is not None else int(present.sum())) < idx.shape[1]:
         valid = torch.isfinite(top)
         idx, w = idx.masked_fill(~valid, -1), w.nan_to_num(0.0).masked_fill(~valid, 0.0)
     return idx, w
@@ -138,10 +138,11 @@ class Router:
 
     def request_table(self, table: Tensor, request_ids: Tensor, what: str) -> Tensor:
         """``table[request_ids]`` for a per-request ``table: [R, ...]`` from :meth:`prepare`;
-        a table of one row applies to every request. A clear error for a request beyond it."""
+        a table of one row applies to every request. A clear error for a request beyond it (on
+        the CPU; on an accelerator the indexing itself fails, without a host read per step)."""
         if table.shape[0] == 1:
             return table.expand(request_ids.shape[0], *table.shape[1:])
-        if request_ids.numel() and int(request_ids.max()) >= table.shape[0]:
+        if request_ids.device.type == "cpu" and request_ids.numel() and int(request_ids.max()) >= table.shape[0]:
             raise ValueError(f"{type(self).__name__}: request {int(request_ids.max())} has no {what} "
                              f"(prepare got {table.shape[0]}); give one {what} per request")
         return table[request_ids.to(table.device)]

@@ -141,13 +141,11 @@ class MHR(LearnedRouter):
     def route(self, x: Tensor, site: RoutingSite) -> RoutingDecision:  # x: [T, d_in]
         if self.logits is not None and self.logits.device != x.device:
             self.to(x.device)
-        # One weight row per request (in training mode: one sample per request), then per token.
-        requests, inverse = torch.unique(site.request_ids.cpu(), return_inverse=True)  # [R'], [T]
-        if self._row_tasks is None:  # no tasks given: every request is unknown
-            tasks = torch.full((requests.shape[0],), -1, dtype=torch.int64)
-        else:
-            tasks = self.request_table(self._row_tasks, requests, "task")  # [R']
-        w = self.weights(tasks).flatten(1)[inverse.to(self.logits.device)]  # [T, H·S]; column h·S + s
+        # One weight row per prepared request (in training mode: one sample each), then per token;
+        # indexing on the device reads nothing back (a CUDA step stays free of synchronisation).
+        tasks = self._row_tasks if self._row_tasks is not None else torch.full((1,), -1, dtype=torch.int64)
+        w = self.weights(tasks).flatten(1)  # [R, H·S]; column h·S + s
+        w = self.request_table(w.to(x.device), site.request_ids, "task")  # [T, H·S]
         w = w.to(x.device, x.dtype)
         idx = torch.arange(w.shape[1], device=x.device).expand(w.shape[0], -1)
         return RoutingDecision(idx, w)

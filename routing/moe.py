@@ -93,6 +93,7 @@ class MoEGate(LearnedRouter):
         self.gates = nn.ParameterDict()  # gate name -> W: [E, d_in]
         self._gate_of: dict[str, str] = {}  # module path -> gate name
         self._present: dict[str, Tensor] = {}  # module path -> bool [E]
+        self._n_present: dict[str, int] = {}  # module path -> adapters present there
         self._balance: dict[str, Tensor] = {}  # module path -> L_balance of the current forward
 
     # -- binding --------------------------------------------------------------------------------
@@ -102,6 +103,7 @@ class MoEGate(LearnedRouter):
         modules = sorted(set().union(*protos))
         self._gate_of = {p: self.gate_name(p, library.base.linears[p][1]) for p in modules}
         self._present = {p: torch.tensor([p in pr for pr in protos]) for p in modules}
+        self._n_present = {p: sum(p in pr for pr in protos) for p in modules}  # host counts
         E = len(self.adapters)
         for name in sorted(set(self._gate_of.values())):
             paths = [p for p in modules if self._gate_of[p] == name]
@@ -153,16 +155,17 @@ class MoEGate(LearnedRouter):
         W = self.weight(site.module)  # [E, d_in]
         if W.device != x.device:
             self.to(x.device)
-        present = self._present[site.module]
+        present, n_present = self._present[site.module], self._n_present[site.module]
         if present.device != x.device:
             present = self._present[site.module] = present.to(x.device)
         logits = (x.float() @ W.T) / self.temperature  # [T, E]
-        idx, w = top_k_softmax(logits, self.top_k, 1.0, present)  # [T, k]
+        idx, w = top_k_softmax(logits, self.top_k, 1.0, None if n_present == present.numel() else present,
+                               n_present)  # [T, k]
         if self.training and self.balance_coef > 0 and torch.is_grad_enabled() and W.requires_grad:
             if site.module in self._balance:  # a new forward pass
                 self._balance.clear()
             self._balance[site.module] = load_balancing_loss(logits.masked_fill(~present, float("-inf")), idx,
-                                                             int(present.sum()))
+                                                             n_present)
         return RoutingDecision(idx, w.to(x.dtype))
 
     def aux_loss(self) -> Tensor | None:

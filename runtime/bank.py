@@ -47,6 +47,7 @@ class AdapterBank:
         self._A: dict[str, Tensor] = {}
         self._B: dict[str, Tensor] = {}
         self._ranks: dict[str, Tensor] = {}
+        self._host_ranks: dict[str, list[int]] = {}  # the same ranks on the host (no device reads)
         self.banks: dict[str, LoraBank] = {}
         self.loads = 0  # adapters loaded so far (evictions make this exceed the slot count)
         self._pinned: set[str] | None = None  # keys held for the current step (None: no step)
@@ -61,6 +62,10 @@ class AdapterBank:
         for key, slot in self._slot_of.items():
             out[slot] = key
         return out
+
+    def slot_list(self, sources: Sequence[AdapterSource]) -> list[int]:
+        """The slots of resident ``sources``, on the host."""
+        return [self._slot_of[s.key] for s in sources]
 
     def begin_step(self) -> None:
         """Start pinning: everything ``ensure`` returns stays resident until :meth:`end_step`."""
@@ -99,7 +104,7 @@ class AdapterBank:
             self._pinned.update(keys)
         if loaded:
             self._rebuild()  # once per call, not per adapter: it builds one view per module
-        return torch.tensor([self._slot_of[s.key] for s in sources], dtype=torch.int64, device=self.device)
+        return torch.tensor(self.slot_list(sources), dtype=torch.int64, device=self.device)
 
     def _load(self, source: AdapterSource, pinned: set[str]) -> None:
         adapter = source.load()
@@ -115,11 +120,13 @@ class AdapterBank:
             m = adapter.modules.get(path)
             if m is None:
                 self._ranks[path][slot] = 0
+                self._host_ranks[path][slot] = 0
                 continue
             r = m.rank
             self._A[path][slot, :r] = m.A.to(self.device, self.dtype)
             self._B[path][slot, :, :r] = (m.B.to(self.device, torch.float32) * adapter.scaling(path)).to(self.dtype)
             self._ranks[path][slot] = r
+            self._host_ranks[path][slot] = r
         self._slot_of[source.key] = slot
         self.loads += 1
 
@@ -148,12 +155,14 @@ class AdapterBank:
                 B[: self._slots, :, : self._rank] = self._B[path]
                 ranks[: self._slots] = self._ranks[path]
             self._A[path], self._B[path], self._ranks[path] = A, B, ranks
+            self._host_ranks[path] = self._host_ranks.get(path, []) + [0] * (slots - self._slots)
         self._slots, self._rank = slots, rank
 
     def _rebuild(self) -> None:
         # New LoraBank views over the same storage (their cached host-side rank lists are
         # per object, so a fresh object sees the new ranks).
-        self.banks = {p: LoraBank(self._A[p], self._B[p], self._ranks[p].clone()) for p in self.shapes}
+        self.banks = {p: LoraBank(self._A[p], self._B[p], self._ranks[p].clone(), tuple(self._host_ranks[p]))
+                      for p in self.shapes}
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self._A, self._B) for t in d.values())

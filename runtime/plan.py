@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from quiver.kernels import build_meta, mixture_lora
-from quiver.kernels.dispatch import MODES, SMALL_SLOTS
+from quiver.kernels.dispatch import BACKENDS, MODES, SMALL_SLOTS, needs_grad, resolve_backend, sync_free
 from quiver.routing import Router, RoutingDecision, RoutingSite
 
 
@@ -56,6 +56,7 @@ class StepPlan:
         self.backend, self.trace = backend, trace
         self._static: dict[int, tuple[RoutingDecision, object]] = {}
         self._modes = [m for m in MODES if any(g.mode == m for g in groups)]
+        self._impl: dict[tuple, object] = {}  # (mode, T·k, grad, dtype, device) -> backend function
         self._single = groups[0] if len(groups) == 1 and groups[0].tokens is None else None
 
     def delta(self, x: Tensor, path: str) -> Tensor:  # x: [..., d_in] -> [T, d_out]
@@ -73,8 +74,16 @@ class StepPlan:
             if self.trace is not None:
                 self.trace.record(path, x.shape[:-1], decision, self.source.keys)
             xb = xin if xin.dtype == bank.dtype else xin.to(bank.dtype)
-            d = mixture_lora(xb, bank, decision.indices, decision.weights.to(bank.dtype), meta=meta,
-                             backend=self.backend, mode=mode).to(x.dtype)
+            w = decision.weights if decision.weights.dtype == bank.dtype else decision.weights.to(bank.dtype)
+            key = (mode, decision.indices.numel(), needs_grad(xb, bank, w), xb.dtype, xb.device)
+            impl = self._impl.get(key)
+            if impl is None:  # the first module of the step validates and picks the backend
+                d = mixture_lora(xb, bank, decision.indices, w, meta=meta, backend=self.backend, mode=mode)
+                self._impl[key] = BACKENDS[resolve_backend(xb, bank, w, decision.indices.numel(),
+                                                           self.backend, mode)].impls[mode]
+            else:  # the others call it directly: same mode, shapes of the same kind, same decision size
+                d = impl(xb, bank, decision.indices, w, meta)
+            d = d if d.dtype == x.dtype else d.to(x.dtype)
             out = d if out is None else out + d
         return out
 
@@ -107,7 +116,9 @@ class StepPlan:
                                        local.weights)
         meta = None
         if static and g.tokens is None and decision.indices.numel() > SMALL_SLOTS:
-            meta = build_meta(decision.indices, decision.weights, self.source.num_slots)
+            # exact on the CPU (host loops); on CUDA bounds, so the step reads nothing back
+            meta = build_meta(decision.indices, decision.weights, self.source.num_slots,
+                              exact=not sync_free(decision.indices.device))
         if static:
             self._static[g.index] = (decision, meta)
         return decision, meta
@@ -162,8 +173,7 @@ class Engine:
                     g_rid = rid[tokens]
                 groups.append(Group(gi, router, tokens, g_rid, None))
             for g in groups:  # resolve (and pin) after binding, in request order
-                g.slots = self.source.slots(g.router)
-                g.identity = g.slots is not None and torch.equal(g.slots.cpu(), torch.arange(g.slots.numel()))
+                g.slots, g.identity = self.source.slots(g.router)
         except BaseException:
             self.source.end_step()
             raise

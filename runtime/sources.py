@@ -72,12 +72,15 @@ class LibrarySource:
     def end_step(self) -> None:
         self.bank.end_step()
 
-    def slots(self, router: Router) -> Tensor | None:
+    def slots(self, router: Router) -> tuple[Tensor | None, bool]:
+        """Bank slots of the router's sources (pinned), and whether they are 0, 1, 2, ...;
+        (None, False) when they cannot all be resident beside the step's other adapters."""
         needed = self._bound[id(router)][1]
         cap = self.bank.capacity
         if cap is not None and len({s.key for s in needed} | self.bank.pinned) > cap:
-            return None  # cannot be resident with the step's other adapters: load what it selects
-        return self.bank.ensure(needed)
+            return None, False  # the router loads what it selects
+        slots = self.bank.ensure(needed)
+        return slots, self.bank.slot_list(needed) == list(range(len(needed)))
 
     def load_selected(self, router: Router, local: Tensor) -> Tensor:
         """Slots for the router's sources it selected in ``local`` (-1 elsewhere), loaded and
@@ -151,17 +154,17 @@ class TrainableSource(nn.Module):
     def end_step(self) -> None:
         pass
 
-    def slots(self, router: Router) -> Tensor:
-        device = next(self.parameters()).device
-        pos = torch.tensor([self.names.index(s.key) for s in router.sources], dtype=torch.int64, device=device)
+    def slots(self, router: Router) -> tuple[Tensor, bool]:
+        pos = [self.names.index(s.key) for s in router.sources]
         H = router.head_splits
-        if H == 1:
-            return pos
-        if self.__dict__.get("_heads", 1) not in (1, H):
-            raise ValueError("one training step cannot mix routers of different head splits")
-        self.__dict__["_heads"] = H
-        S = len(self.names)
-        return torch.cat([S + h * S + pos for h in range(H)])
+        if H > 1:
+            if self.__dict__.get("_heads", 1) not in (1, H):
+                raise ValueError("one training step cannot mix routers of different head splits")
+            self.__dict__["_heads"] = H
+            S = len(self.names)
+            pos = [S + h * S + p for h in range(H) for p in pos]
+        device = next(self.parameters()).device
+        return torch.tensor(pos, dtype=torch.int64, device=device), pos == list(range(len(pos)))
 
     def load_selected(self, router: Router, local: Tensor) -> Tensor:
         raise AssertionError("trainable skills are always resident")

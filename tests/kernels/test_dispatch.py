@@ -12,12 +12,12 @@ from quiver.kernels.dispatch import MODES
 
 
 def test_registry_names():
-    assert set(BACKENDS) == {"reference", "gather", "grouped", "triton"}
+    assert set(BACKENDS) == {"reference", "gather", "grouped", "dense", "triton"}
 
 
 def test_unknown_backend_lists_valid_names(case_factory):
     case = case_factory(4, 8, 6, [2], 1)
-    with pytest.raises(ValueError, match="valid: auto, reference, gather, grouped, triton"):
+    with pytest.raises(ValueError, match="valid: auto, reference, gather, grouped, dense, triton"):
         mixture_lora(case.x, case.bank, case.indices, case.weights, backend="cuda")
 
 

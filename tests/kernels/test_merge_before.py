@@ -8,7 +8,7 @@ import torch
 from quiver.kernels import LoraBank, mixture_lora
 
 
-@pytest.mark.parametrize("backend", ["reference", "grouped", "auto"])
+@pytest.mark.parametrize("backend", ["reference", "grouped", "dense", "auto"])
 def test_merge_before_equals_its_formula(backend):
     g = torch.Generator().manual_seed(0)
     factors = [(torch.randn(4, 9, generator=g), torch.randn(7, 4, generator=g)) for _ in range(3)]

@@ -60,6 +60,11 @@ GRAD_CASES = {"grad-mixed_ranks": "mixed_ranks", "grad-k8": "k8", "grad-long_seg
               "grad-one_token": "one_token", "grad-empty": "empty"}
 
 
+# Cases run with sync-free ("bounded") metadata, as on CUDA: (shape, dtype).
+BOUNDED = [("mixed_ranks", "fp32"), ("mixed_ranks", "bf16"), ("E64", "fp32"), ("long_segment", "fp32"),
+           ("empty", "fp32"), ("one_token", "fp16")]
+
+
 def _grad_case(case_factory, shape: str):
     case = case_factory(*SHAPES[shape], dtype=torch.float32)
     T, d_out = case.x.shape[0], case.bank.d_out
@@ -73,9 +78,11 @@ def interpreted(tmp_path_factory, case_factory):
     cases = {"-".join(key): VARIANTS[key[2]](case_factory(*SHAPES[key[0]], dtype=DTYPES[key[1]]))
              for key in CASES}
     cases |= {name: _grad_case(case_factory, shape) for name, shape in GRAD_CASES.items()}
+    cases |= {f"bounded-{shape}-{dt}": case_factory(*SHAPES[shape], dtype=DTYPES[dt]) for shape, dt in BOUNDED}
     tmp = tmp_path_factory.mktemp("triton-interpret")
     torch.save({name: dict(x=c.x, A=c.bank.A, B=c.bank.B, ranks=c.bank.ranks, indices=c.indices,
-                           weights=c.weights, **({"g": c.g} if hasattr(c, "g") else {}))
+                           weights=c.weights, **({"g": c.g} if hasattr(c, "g") else {}),
+                           **({"bounded": torch.ones(())} if name.startswith("bounded-") else {}))
                 for name, c in cases.items()}, tmp / "cases.pt")
     proc = subprocess.run([sys.executable, str(WORKER), str(tmp / "cases.pt"), str(tmp / "deltas.pt")],
                           env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
@@ -112,3 +119,11 @@ def test_triton_gradients_equal_the_reference(name, interpreted):
         torch.testing.assert_close(got[k], want, atol=1e-4, rtol=1e-4, msg=f"d{k}")
     if (c.indices >= 0).any():
         assert got["weights"].abs().sum() > 0 and got["A"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("shape, dt", BOUNDED, ids=lambda v: str(v))
+def test_triton_with_sync_free_metadata_matches_reference(shape, dt, interpreted, check):
+    """The grid sized by bounds (every adapter, T·k rows) gives the reference's result."""
+    cases, results = interpreted
+    name = f"bounded-{shape}-{dt}"
+    check(results[name], cases[name])

@@ -8,7 +8,8 @@ kernels are decorated, never leaks into the test process. Usage::
 CASES.pt maps a name to tensors ``x, A, B, ranks, indices, weights``; DELTAS.pt maps the same
 names to ``mixture_lora(..., backend="triton")``. A case that also holds ``g`` (a cotangent
 ``[T, d_out]``) is run with gradients: its entry is ``{delta, x, A, B, weights}``, the last four
-the gradients of ``(delta * g).sum()``. Exits with ``UNUSABLE`` when this triton's
+the gradients of ``(delta * g).sum()``. A case holding ``bounded`` runs with the metadata of
+``build_meta(..., exact=False)`` (what a CUDA step builds without reading the host). Exits with ``UNUSABLE`` when this triton's
 interpreter cannot run a loop bounded by a kernel argument (triton-lang/triton#9171: before
 the fix, numpy >= 2.4 refuses its ``int(array)``), so the tests can skip with that reason.
 """
@@ -22,7 +23,7 @@ import triton.language as tl
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before starting this worker"
 
-from quiver.kernels import LoraBank, mixture_lora  # noqa: E402  (after the interpreter check)
+from quiver.kernels import LoraBank, build_meta, mixture_lora  # noqa: E402  (after the interpreter check)
 
 UNUSABLE = 3
 
@@ -52,8 +53,10 @@ def main(src: str, dst: str) -> None:
     out = {}
     for name, c in cases.items():
         if "g" not in c:
-            out[name] = mixture_lora(c["x"], LoraBank(c["A"], c["B"], c["ranks"]), c["indices"], c["weights"],
-                                     backend="triton")
+            bank = LoraBank(c["A"], c["B"], c["ranks"])
+            # "bounded" cases: the metadata CUDA steps use (no host read; grid over every adapter)
+            meta = build_meta(c["indices"], c["weights"], bank.num_adapters, exact=False) if "bounded" in c else None
+            out[name] = mixture_lora(c["x"], bank, c["indices"], c["weights"], meta=meta, backend="triton")
             continue
         leaves = {k: c[k].clone().requires_grad_() for k in ("x", "A", "B", "weights")}
         delta = mixture_lora(leaves["x"], LoraBank(leaves["A"], leaves["B"], c["ranks"]), c["indices"],
