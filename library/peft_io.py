@@ -23,7 +23,7 @@ import json
 import os
 import re
 import shutil
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from .adapter import BaseModelRef, LoraAdapter, LoraModule
 from .errors import AdapterFormatError, UnsupportedAdapterError
+from .paths import check_output_dir, publish, staging_dir
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -182,13 +183,13 @@ def peft_config_for(adapter: LoraAdapter) -> dict:
     }
 
 
-def write_peft_dir(adapter: LoraAdapter, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write ``adapter`` as a PEFT directory; atomic (temp dir renamed into place)."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+def write_peft_dir(adapter: LoraAdapter, out_dir: str | os.PathLike, overwrite: bool = False, *,
+                   protect: Sequence[str | os.PathLike] = (), hint: str = "overwrite=True") -> Path:
+    """Write ``adapter`` as a PEFT directory, following the output-path rule of
+    :mod:`quiver.library.paths` (``protect``: paths that must survive; ``hint``: how the caller
+    asks for an overwrite). Written beside ``out_dir`` and swapped into place."""
+    out = check_output_dir(out_dir, "peft", overwrite=overwrite, protect=protect, hint=hint)
+    tmp = staging_dir(out)
     try:
         tensors = {}
         for path, m in adapter.modules.items():
@@ -196,9 +197,7 @@ def write_peft_dir(adapter: LoraAdapter, out_dir: str | os.PathLike, overwrite: 
             tensors[f"{_PREFIX}{path}.lora_B.weight"] = m.B.contiguous()
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(peft_config_for(adapter), indent=2))
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
