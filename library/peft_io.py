@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -143,6 +144,7 @@ def read_peft_dir(peft_dir: str | os.PathLike, name: str, base: BaseModelRef) ->
         modules[path] = LoraModule(A=A, B=B, alpha=alpha)
     if not modules:
         raise AdapterFormatError(f"{weights}: no LoRA tensors")
+    _warn_config_mismatch(peft_dir, cfg, sorted(modules), base)
     return LoraAdapter(
         name=name,
         base_model=base,
@@ -151,6 +153,35 @@ def read_peft_dir(peft_dir: str | os.PathLike, name: str, base: BaseModelRef) ->
         rank=int(cfg["r"]),
         alpha=float(cfg["lora_alpha"]),
     )
+
+
+def _model_key(name: str) -> str:
+    """A model name compared loosely: last path part, lower case, without -instruct/-chat."""
+    key = str(name).rstrip("/").rsplit("/", 1)[-1].lower()
+    for suffix in ("-instruct", "-chat", "-it"):
+        key = key.removesuffix(suffix)
+    return key
+
+
+def _warn_config_mismatch(peft_dir: Path, cfg: dict, paths: list[str], base: BaseModelRef) -> None:
+    """Warn (the adapter is still read) when ``adapter_config.json`` promises modules the weights
+    lack, or names a base model other than the library's: shapes alone cannot tell two models of
+    one architecture apart."""
+    targets = cfg.get("target_modules")
+    if isinstance(targets, list):
+        missing = [t for t in targets if isinstance(t, str)
+                   and not any(p == t or p.endswith("." + t) for p in paths)]
+        if missing:
+            warnings.warn(f"{peft_dir}: {CONFIG_NAME} lists target module(s) {missing} but "
+                          f"{WEIGHTS_NAME} has no tensors for them; only the modules present are imported",
+                          stacklevel=3)
+    named = cfg.get("base_model_name_or_path")
+    if isinstance(named, str) and named and base.id and named != base.id:
+        a, b = _model_key(named), _model_key(base.id)
+        if a not in b and b not in a:
+            warnings.warn(f"{peft_dir}: {CONFIG_NAME} says it was trained on {named!r}, but the library's base "
+                          f"model is {base.id!r}; the shapes match, so it is imported, but check it belongs "
+                          "to this model", stacklevel=3)
 
 
 def peft_config_for(adapter: LoraAdapter) -> dict:
