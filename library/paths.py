@@ -136,6 +136,9 @@ def staging_dir(out: Path) -> Path:
 def publish(staging: Path, out: Path) -> None:
     """Swap the finished ``staging`` directory into ``out`` (replacing a checked previous
     output): the old one is renamed aside first and deleted only once the new one is in place."""
+    mask = _umask()
+    for p in staging.rglob("*"):  # some writers (safetensors) create files 0600
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
     if not out.exists():
         os.replace(staging, out)
         return
