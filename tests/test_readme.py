@@ -54,3 +54,33 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch, tiny_model_dir, peft_ad
     assert (tmp_path / "out" / "sql" / "adapter_config.json").is_file()
     assert (tmp_path / "merged-model" / "model.safetensors.index.json").is_file()
     assert (tmp_path / "trace.png").is_file() and (tmp_path / "trace.json").is_file()
+
+
+@pytest.mark.real_model
+def test_readme_routed_quickstart_answers_on_the_instruct_model(real_model, tmp_path):
+    """The README's by-hand path (chat template + left padding) gives real answers on
+    SmolLM2-135M-Instruct, as ``answer`` does; raw prompts made it stop at once."""
+    import torch
+
+    from quiver import Library, RoutedModel
+    from quiver.library import BaseModelSpec
+    from quiver.routing import Arrow
+    from quiver.runtime.answer import answer, encode_prompts
+
+    model, tok = real_model
+    adapters = Path(__file__).resolve().parents[1] / "tasks" / "adapters"
+    with Library.open(tmp_path / "lib", base_model=BaseModelSpec.from_model(model, "smollm2-135m")) as lib:
+        for name in ("date_iso", "km_to_m"):
+            lib.add_peft(adapters / name, name=name, description=name)
+        rm = RoutedModel(model, lib, router=Arrow(top_k=2))
+        try:
+            prompts = ["Convert March 5, 2021 to ISO format.", "How many metres are 3 km?"]
+            batch = encode_prompts(tok, prompts)
+            with torch.no_grad():
+                out = rm.generate(**batch, max_new_tokens=12, pad_token_id=tok.pad_token_id)
+            texts = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            answers, _ = answer(rm, tok, prompts, max_new_tokens=12, trace=False)
+        finally:
+            rm.unwrap()
+    assert all(t.strip() for t in texts), texts
+    assert [t.strip() for t in texts] == [a.text for a in answers]
