@@ -235,8 +235,9 @@ def library_search(ctx: typer.Context, query: str, k: KOpt = None,
     if not query.strip():
         raise ValueError("empty search query: give words to match against the adapters' descriptions")
     lib = _existing(cfg, library)
-    with err_console.status("loading the text encoder (all-MiniLM-L6-v2) and searching ..."):
-        hits = lib.search(query, k=k if k is not None else cfg.library.search.k)
+    err_console.print("[dim]search: loading the text encoder (all-MiniLM-L6-v2, a few seconds per call) ...[/dim]",
+                      highlight=False)
+    hits = lib.search(query, k=k if k is not None else cfg.library.search.k)
     _show_hits(hits, query, as_json)
 
 

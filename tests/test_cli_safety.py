@@ -456,11 +456,16 @@ def test_show_merge_embed_print_tables(tmp_path, tiny_lib, tiny_model_dir):
     assert "{'" not in out and re.search(r"registered\s+│?\s*ab", out), out
 
 
-def test_search_says_what_it_is_doing(tmp_path, tiny_lib):
+def test_search_says_what_it_is_doing_and_refuses_empty_queries(tmp_path, tiny_lib):
+    from quiver import Library
+
     lib = tiny_lib(tmp_path / "lib")
-    r = CliRunner().invoke(app, ["library", "search", "adapter a", "-L", str(lib), "--json", "-k", "1"])
-    assert r.exit_code == 0
-    assert json.loads(r.stdout)[0]["name"] == "a"
+    code, out, err = run("library", "search", "adapter a", "-L", lib, "--json", "-k", "1")
+    assert code == 0, err
+    assert json.loads(out)[0]["name"] == "a"
+    assert "search: loading the text encoder (all-MiniLM-L6-v2" in err
+    with Library.open(lib) as opened, pytest.raises(ValueError, match="empty search query"):
+        opened.search("   ")  # not a score of 1.0 for every adapter
 
 
 def test_help_documents_keys_and_options():
