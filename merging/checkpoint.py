@@ -29,7 +29,7 @@ from quiver.library.base_model import FINGERPRINT_FILE
 from quiver.library.errors import ValidationError
 from quiver.library.paths import check_output_dir, publish, staging_dir
 
-from .inputs import INDEX_NAME, CheckpointDir, Source, TaskVectors, TensorInfo
+from .inputs import INDEX_NAME, CheckpointDir, Source, TaskVectors, TensorInfo, warn_degenerate
 from .methods import MergeSpec, build, check_weights
 
 PROVENANCE_NAME = "quiver_merge.json"
@@ -75,6 +75,7 @@ Returns the output directory.
         raise ValidationError("nothing to merge: no adapters or checkpoints given")
     check_output_dir(out, "checkpoint", overwrite=overwrite, hint=overwrite_hint,
                      protect=[base.path, *(r.path for r in readers if isinstance(r, CheckpointDir)), *protect])
+    warn_degenerate([_label(r) for r in readers])
     task_vectors = TaskVectors(base, readers)
     w = check_weights(weights, len(readers), "sources")
     spec = build(method, **params)

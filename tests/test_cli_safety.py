@@ -506,3 +506,17 @@ def test_verify_fix_removes_parts_of_dead_writers(tmp_path, tiny_lib):
     code, _, err = run("library", "verify", "--fix", "-L", lib)
     assert code == 0, err
     assert [p.name for p in (lib / "tmp").iterdir()] == [f"{os.getpid()}-2.part"]
+
+
+def test_python_merge_warns_on_degenerate_inputs(tmp_path, tiny_lib):
+    from quiver import Library
+    from quiver.merging import merge
+
+    with Library.open(tiny_lib(tmp_path / "lib")) as lib:
+        a, b = lib.get("a"), lib.get("b")
+    with pytest.warns(UserWarning, match=r"merging a single source \('a'\)"):
+        merge([a], method="linear")
+    with pytest.warns(UserWarning, match=r"source\(s\) \['a'\] given more than once"):
+        merge([a, a, b], method="linear")
+    with pytest.raises(ValueError, match="weights are all zero"):
+        merge([a, b], method="linear", weights=[0, 0])
