@@ -420,7 +420,7 @@ def test_generate_file_is_batched_with_progress_and_short_echo(tmp_path, tiny_li
     import quiver.runtime
 
     lib = tiny_lib(tmp_path / "lib")
-    prompts = [f"what is {i} plus {i}" for i in range(5)] + ["convert the date " * 300]
+    prompts = [f"what is {i} plus {i}" for i in range(5)] + ["convert the date " * 15]
     f = tmp_path / "p.jsonl"
     f.write_text("".join(json.dumps(p) + "\n" for p in prompts))
     sizes = []
