@@ -59,7 +59,7 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch, tiny_model_dir, peft_ad
 @pytest.mark.real_model
 def test_readme_routed_quickstart_answers_on_the_instruct_model(real_model, tmp_path):
     """The README's by-hand path (chat template + left padding) gives real answers on
-    SmolLM2-135M-Instruct, as ``answer`` does; raw prompts made it stop at once."""
+    SmolLM2-135M-Instruct, as ``answer`` does (raw prompts got empty or wrong answers)."""
     import torch
 
     from quiver import Library, RoutedModel
