@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from .config import compose
+from .config import compose, compose_checked
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 library_app = typer.Typer(
@@ -26,13 +28,15 @@ EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 LibraryOpt = Annotated[Optional[Path], typer.Option("--library", "-L", help="Library directory.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+KOpt = Annotated[Optional[int], typer.Option("-k", min=1, help="How many adapters to return (default: library.search.k, 3).")]
+err_console = Console(stderr=True)
 
 
 def _cfg(ctx: typer.Context):
     bad = [a for a in ctx.args if "=" not in a or a.startswith("-")]
     if bad:
         raise typer.BadParameter(f"unexpected argument(s) {bad}; config overrides look like key=value")
-    return compose(ctx.args)
+    return compose_checked(ctx.args)
 
 
 def _open(cfg, path: Path | None, base_model=None):
@@ -56,8 +60,30 @@ def _existing(cfg, path: Path | None):
 def _print(obj, as_json: bool) -> None:
     if as_json:
         print(json.dumps(obj, indent=2, default=str))
+    elif isinstance(obj, dict):
+        console.print(_table(obj))
     else:
         console.print(obj)
+
+
+def _cell(key: str, value) -> str:
+    """A value as a person reads it: times as dates, lists comma-separated, floats rounded."""
+    import datetime
+
+    if key.endswith("_at") and isinstance(value, (int, float)):
+        return datetime.datetime.fromtimestamp(value).isoformat(sep=" ", timespec="seconds")
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value)) if len(value) <= 12 else ", ".join(map(str, value[:12])) + f", … ({len(value)})"
+    return str(value)
+
+
+def _table(obj: dict, title: str | None = None) -> Table:
+    table = Table("field", "value", title=title, show_header=False)
+    for key, value in obj.items():
+        table.add_row(key, _cell(key, value))
+    return table
 
 
 def _show_hits(hits: list[tuple[str, float]], title: str, as_json: bool) -> None:
@@ -89,17 +115,18 @@ def library_add(
     ctx: typer.Context,
     peft_dir: Annotated[Path, typer.Argument(help="A PEFT LoRA directory.")],
     name: Annotated[str, typer.Option(help="Adapter name ([A-Za-z0-9._-]).")],
-    description: Annotated[str, typer.Option(help="What the adapter does (used by search).")] = "",
+    description: Annotated[Optional[str], typer.Option(
+        help="What the adapter does (used by search); with --replace, omitted keeps the old one.")] = None,
     example: Annotated[Optional[list[str]], typer.Option(help="An example prompt; repeatable.")] = None,
     tag: Annotated[Optional[list[str]], typer.Option(help="A tag; repeatable.")] = None,
-    replace: Annotated[bool, typer.Option(help="Replace an adapter of the same name.")] = False,
+    replace: Annotated[bool, typer.Option(
+        help="Replace an adapter of the same name (its description, examples and tags are kept unless given).")] = False,
     library: LibraryOpt = None,
     as_json: JsonOpt = False,
 ):
     """Import a PEFT LoRA directory into the library (validated, atomic)."""
     lib = _existing(_cfg(ctx), library)
-    rec = lib.add_peft(peft_dir, name=name, description=description, examples=example or [],
-                       tags=tag or [], replace=replace)
+    rec = lib.add_peft(peft_dir, name=name, description=description, examples=example, tags=tag, replace=replace)
     _print(rec.to_dict() if as_json else f"added {rec.name} (rank {rec.rank}, {rec.n_modules} modules, "
            f"blob {rec.blob[:12]}, version {rec.version})", as_json)
 
@@ -120,8 +147,11 @@ def library_list(ctx: typer.Context, tag: Annotated[Optional[str], typer.Option(
 
 @library_app.command("show", context_settings=EXTRA)
 def library_show(ctx: typer.Context, name: str, library: LibraryOpt = None, as_json: JsonOpt = False):
-    """Show one adapter's record."""
-    _print(_existing(_cfg(ctx), library).info(name).to_dict(), as_json)
+    """Show one adapter's record (a table; --json for scripts)."""
+    rec = _existing(_cfg(ctx), library).info(name).to_dict()
+    if as_json:
+        return _print(rec, True)
+    console.print(_table(rec, title=name))
 
 
 @library_app.command("remove", context_settings=EXTRA)
@@ -148,62 +178,86 @@ def library_tag(name: str, tags: list[str], remove: Annotated[bool, typer.Option
 
 @library_app.command("export", context_settings=EXTRA)
 def library_export(ctx: typer.Context, name: str, out_dir: Path,
-                   overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT_DIR.")] = False,
+                   overwrite: Annotated[bool, typer.Option(
+                       help="Replace OUT_DIR if it holds a previous PEFT export (never anything else).")] = False,
                    library: LibraryOpt = None):
-    """Write an adapter as a PEFT directory (loadable by peft.PeftModel.from_pretrained)."""
-    out = _existing(_cfg(ctx), library).export_peft(name, out_dir, overwrite=overwrite)
+    """Write an adapter as a PEFT directory (loadable by peft.PeftModel.from_pretrained).
+
+    OUT_DIR is never the current directory, the library, a folder containing it, or a file.
+    """
+    out = _existing(_cfg(ctx), library).export_peft(name, out_dir, overwrite=overwrite, hint="--overwrite")
     console.print(f"exported {name} to {out}")
 
 
 @library_app.command("verify", context_settings=EXTRA)
-def library_verify(ctx: typer.Context, fix: Annotated[bool, typer.Option(help="Delete unreferenced blobs.")] = False,
+def library_verify(ctx: typer.Context, fix: Annotated[bool, typer.Option(
+                       help="Delete unreferenced blobs and abandoned tmp/*.part files (never while the "
+                            "catalog looks empty or damaged).")] = False,
                    library: LibraryOpt = None, as_json: JsonOpt = False):
-    """Re-hash every blob; exit 1 if any adapter is damaged."""
+    """Check the catalog and re-hash every blob; exit 1 if anything is damaged or --fix refused."""
     report = _existing(_cfg(ctx), library).verify(fix_orphans=fix)
     if as_json:
         _print(report.to_dict(), True)
     else:
+        removed = " removed" if fix and not report.refused else ""
         console.print(f"checked {report.checked} adapter(s): "
                       f"{'ok' if report.ok else f'{len(report.damaged)} damaged'}; "
-                      f"{len(report.orphan_blobs)} unreferenced blob(s){' removed' if fix else ''}")
+                      f"{len(report.orphan_blobs)} unreferenced blob(s){removed}")
         for name, problem in report.damaged:
             console.print(f"  [red]{name}[/red]: {problem}")
-    raise typer.Exit(0 if report.ok else 1)
+        if report.refused:
+            err_console.print(f"[red]refused:[/red] {report.refused}", highlight=False)
+    raise typer.Exit(0 if report.ok and not report.refused else 1)
 
 
 @library_app.command("embed", context_settings=EXTRA)
 def library_embed(ctx: typer.Context,
                   kind: Annotated[Optional[list[str]], typer.Option(help="arrow, svd or text; repeatable (default all).")] = None,
                   library: LibraryOpt = None, as_json: JsonOpt = False):
-    """Compute missing embeddings (cached by content and config)."""
+    """Compute missing embeddings (cached by content and config); prints how many were computed."""
     counts = _existing(_cfg(ctx), library).embed(kinds=tuple(kind or ("arrow", "svd", "text")))
-    _print(counts, as_json)
+    if as_json:
+        return _print(counts, True)
+    table = Table("embedding", "computed")
+    for k, n in counts.items():
+        table.add_row(k, str(n))
+    console.print(table)
 
 
 @library_app.command("search", context_settings=EXTRA)
-def library_search(ctx: typer.Context, query: str, k: Annotated[Optional[int], typer.Option("-k")] = None,
+def library_search(ctx: typer.Context, query: str, k: KOpt = None,
                    library: LibraryOpt = None, as_json: JsonOpt = False):
-    """Adapters whose description and examples match QUERY (text embeddings + faiss)."""
+    """Adapters whose description and examples match QUERY (text embeddings + faiss).
+
+    Each call loads the text encoder (all-MiniLM-L6-v2, a few seconds); a server keeps it loaded.
+    """
     cfg = _cfg(ctx)
-    _show_hits(_existing(cfg, library).search(query, k=k or cfg.library.search.k), query, as_json)
+    if not query.strip():
+        raise ValueError("empty search query: give words to match against the adapters' descriptions")
+    lib = _existing(cfg, library)
+    err_console.print("[dim]search: loading the text encoder (all-MiniLM-L6-v2, a few seconds per call) ...[/dim]",
+                      highlight=False)
+    hits = lib.search(query, k=k if k is not None else cfg.library.search.k)
+    _show_hits(hits, query, as_json)
 
 
 @library_app.command("similar", context_settings=EXTRA)
-def library_similar(ctx: typer.Context, name: str, k: Annotated[Optional[int], typer.Option("-k")] = None,
+def library_similar(ctx: typer.Context, name: str, k: KOpt = None,
                     library: LibraryOpt = None, as_json: JsonOpt = False):
     """Adapters closest to NAME in weight space (svd embeddings)."""
     cfg = _cfg(ctx)
-    _show_hits(_existing(cfg, library).similar(name, k=k or cfg.library.search.k), name, as_json)
+    _show_hits(_existing(cfg, library).similar(name, k=k if k is not None else cfg.library.search.k), name, as_json)
 
 
 @library_app.command("cluster", context_settings=EXTRA)
-def library_cluster(ctx: typer.Context, k: Annotated[Optional[int], typer.Option("-k")] = None,
+def library_cluster(ctx: typer.Context, k: Annotated[Optional[int], typer.Option(
+                        "-k", min=1, help="Number of clusters (default: library.cluster.k, 4).")] = None,
                     out: Annotated[Optional[Path], typer.Option(help="Write the clusters JSON here.")] = None,
                     library: LibraryOpt = None):
     """Group adapters by k-means over their svd similarity rows (MBC); prints JSON."""
     cfg = _cfg(ctx)
     c = cfg.library.cluster
-    result = _existing(cfg, library).cluster(k=k or c.k, seed=c.seed, niter=c.niter)
+    result = _existing(cfg, library).cluster(k=k if k is not None else c.k, seed=c.seed, niter=c.niter)
     text = json.dumps(result, indent=2)
     if out:
         out.write_text(text + "\n")
@@ -213,10 +267,14 @@ def library_cluster(ctx: typer.Context, k: Annotated[Optional[int], typer.Option
 def _read_prompts(prompt: list[str] | None, file: Path | None) -> tuple[list[str], list[str | None]]:
     """Prompts from --prompt and --file, with each one's task name (a "task" field in the file)."""
     prompts = list(prompt or [])
+    for i, text in enumerate(prompts, start=1):
+        if not text.strip():
+            raise ValueError(f"--prompt number {i} is empty")
     tasks: list[str | None] = [None] * len(prompts)
     if file is not None:
         from .tasks import iter_jsonl
 
+        before = len(prompts)
         for n, item in iter_jsonl(file):
             text = item.get("prompt") if isinstance(item, dict) else item
             if not isinstance(text, str):
@@ -224,11 +282,46 @@ def _read_prompts(prompt: list[str] | None, file: Path | None) -> tuple[list[str
             task = item.get("task") if isinstance(item, dict) else None
             if task is not None and not isinstance(task, str):
                 raise ValueError(f"{file}, line {n}: \"task\" must be a string")
+            if not text.strip():
+                raise ValueError(f"{file}, line {n}: the prompt is empty")
             prompts.append(text)
             tasks.append(task)
+        if len(prompts) == before:
+            raise ValueError(f"{file} holds no prompts (expected one JSON string or {{\"prompt\": ...}} per line)")
     if not prompts:
         raise ValueError("give at least one --prompt or a --file of prompts")
     return prompts, tasks
+
+
+GENERATE_KEYS = """Settings (conf/generate/default.yaml), as generate.KEY=VALUE:
+max_new_tokens (48), do_sample (false), temperature (1.0), top_p (1.0),
+chat_template (true: wrap prompts in the model's chat template),
+capacity (null: every adapter in memory; N: at most N, LRU), backend (auto, grouped, reference, gather, triton),
+batch_size (16: prompts per batch for --file, with a progress bar)."""
+
+
+def _shorten(text: str, limit: int = 200) -> str:
+    """A prompt as echoed back: whole up to ``limit`` characters, else its start and length."""
+    return text if len(text) <= limit else f"{text[:limit]} … ({len(text):,} characters)"
+
+
+def _trace_paths(trace: Path, n: int) -> list[Path]:
+    if n == 1:
+        return [trace]
+    return [trace.with_name(f"{trace.stem}-{i}{trace.suffix or '.png'}") for i in range(n)]
+
+
+def _min_capacity(cfg, n_adapters: int) -> int:
+    """How many adapters one forward call may need at once under the configured router."""
+    r = cfg.router
+    if r.get("top_k") is not None:
+        return min(int(r.top_k), n_adapters)
+    target = str(r.get("_target_", ""))
+    if target.endswith(("Uniform", "MHR", "Poly")):
+        return len(r.adapters) if r.get("adapters") else n_adapters
+    if target.endswith("Fixed"):
+        return max(1, len(r.get("weights") or {}))
+    return 1
 
 
 @app.command("generate", context_settings=EXTRA)
@@ -237,7 +330,8 @@ def generate(
     prompt: Annotated[Optional[list[str]], typer.Option(help="A prompt; repeatable.")] = None,
     file: Annotated[Optional[Path], typer.Option(
         help="JSONL: one string or {\"prompt\": ..., \"task\": ...} per line (task: for MHR/Poly).")] = None,
-    trace: Annotated[Optional[Path], typer.Option(help="Write routing heatmap PNG(s) and JSON here.")] = None,
+    trace: Annotated[Optional[Path], typer.Option(
+        help="Write routing heatmap PNG(s) and JSON here (NAME-i.png per prompt when there are several).")] = None,
     task: Annotated[Optional[list[str]], typer.Option(
         help="Task name for routers that route by task (MHR/Poly): once for all prompts, or once per prompt.")] = None,
     library: LibraryOpt = None,
@@ -253,16 +347,21 @@ def generate(
     from hydra.utils import instantiate
 
     from .library import load_base_model
+    from .library.paths import check_output_file
     from .runtime import RoutedModel, answer
 
     cfg = _cfg(ctx)
     prompts, file_tasks = _read_prompts(prompt, file)
     lib = _existing(cfg, library)
-    model, tok = load_base_model(cfg.model.name, cache_dir=cfg.model.cache_dir,
-                                 dtype=getattr(torch, cfg.model.dtype), device=cfg.model.device)
     g = cfg.generate
     if task and len(task) not in (1, len(prompts)):
         raise ValueError(f"give one --task for all prompts or one per prompt ({len(prompts)}), not {len(task)}")
+    pngs = _trace_paths(trace, len(prompts)) if trace is not None else []
+    for png in pngs:  # before any work: answers are never lost to an unwritable trace path
+        check_output_file(png, protect=[lib.path])
+    if g.capacity is not None and g.capacity < _min_capacity(cfg, len(lib)):
+        raise ValueError(f"generate.capacity={g.capacity} is below the {_min_capacity(cfg, len(lib))} adapters "
+                         "one step of this router may need at once; raise it or use generate.capacity=null (all)")
     if task:
         tasks = task * len(prompts) if len(task) == 1 else list(task)
     else:
@@ -273,20 +372,56 @@ def generate(
         router = lib.get_router(cfg.router.name)
     else:
         router = instantiate(cfg.router)
+    model, tok = load_base_model(cfg.model.name, cache_dir=cfg.model.cache_dir,
+                                 dtype=getattr(torch, cfg.model.dtype), device=cfg.model.device)
     rm = RoutedModel(model, lib, router=router, capacity=g.capacity, backend=g.backend)
     sampling = dict(temperature=g.temperature, top_p=g.top_p) if g.do_sample else {}
-    answers, tr = answer(rm, tok, prompts, tasks=tasks, max_new_tokens=g.max_new_tokens, do_sample=g.do_sample,
-                         chat_template=g.chat_template, **sampling)
-    if trace is not None:
-        for i in range(len(prompts)):
-            png = trace if len(prompts) == 1 else trace.with_name(f"{trace.stem}-{i}{trace.suffix or '.png'}")
-            tr.heatmap(png, row=i, tokens=answers[i].tokens)
-            tr.to_json(png.with_suffix(".json"), row=i)
+    from tqdm import tqdm
+
+    answers = []
+    size = g.batch_size
+    with tqdm(total=len(prompts), desc="generating", unit="prompt", disable=len(prompts) <= size,
+              file=sys.stderr) as bar:
+        for start in range(0, len(prompts), size):
+            chunk = prompts[start:start + size]
+            got, tr = answer(rm, tok, chunk, tasks=tasks[start:start + size] if tasks else None,
+                             max_new_tokens=g.max_new_tokens, do_sample=g.do_sample,
+                             chat_template=g.chat_template, **sampling)
+            for i, a in enumerate(got):
+                if pngs:
+                    tr.heatmap(pngs[start + i], row=i, tokens=a.tokens)
+                    tr.to_json(pngs[start + i].with_suffix(".json"), row=i)
+            answers += got
+            bar.update(len(chunk))
     if as_json:
         return _print([{"prompt": a.prompt, "answer": a.text, "adapters": a.adapter_share} for a in answers], True)
     for a in answers:
         tops = ", ".join(f"{n} {w:.0%}" for n, w in a.top_adapters())
-        console.print(f"[bold]> {a.prompt}[/bold]\n{a.text}\n[dim]adapters: {tops}[/dim]\n")
+        console.print(f"[bold]> {escape(_shorten(a.prompt))}[/bold]\n{escape(a.text)}\n[dim]adapters: {tops}[/dim]\n",
+                      highlight=False)
+
+
+generate.__doc__ += "\n" + textwrap.indent(GENERATE_KEYS, "    ")
+
+
+def _merge_inputs(cfg) -> tuple[list[str], list[float] | None]:
+    """The adapter names and weights of a merge, refused when the merge would be degenerate."""
+    names = list(cfg.adapters or [])
+    if len(names) < 2:
+        raise ValueError("a merge needs at least two adapters: adapters=[a,b,...]"
+                         + (f" (to copy {names[0]!r}, use `quiver library export`)" if names else ""))
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"adapter(s) {dup} listed more than once; to weight one more, use weights=[...]")
+    weights = [float(w) if isinstance(w, (int, float)) else w for w in cfg.weights] if cfg.weights is not None else None
+    if weights is not None:
+        if len(weights) != len(names):
+            raise ValueError(f"weights has {len(weights)} value(s) for {len(names)} adapters")
+        if not all(isinstance(w, float) for w in weights):
+            raise ValueError(f"weights must be numbers, got {list(cfg.weights)}")
+        if all(w == 0 for w in weights):
+            raise ValueError("weights are all zero: the merge would change nothing")
+    return names, weights
 
 
 @app.command("merge", context_settings=EXTRA)
@@ -294,43 +429,68 @@ def merge_cmd(ctx: typer.Context, library: LibraryOpt = None, as_json: JsonOpt =
     """Merge library adapters into one LoRA (registered) or into the base weights (a checkpoint).
 
     quiver merge merge=ties merge.density=0.2 adapters=\\[a,b,c] output=lora output.name=abc
+    quiver merge merge=linear adapters=\\[a,b] weights=\\[0.7,0.3] output=lora output.path=./peft-out
     quiver merge merge=pcb adapters=\\[a,b] output=checkpoint output.path=./merged-model
-    Methods: conf/merge/*.yaml (linear, task_arithmetic, ties, dare_linear, dare_ties,
-    breadcrumbs, pcb, magnitude_prune); any key overridable as merge.KEY=VALUE.
+
+    Keys: adapters=[...] (two or more, each once); weights=[...] (one per adapter, default 1 each);
+    merge=METHOD (conf/merge/*.yaml: linear, task_arithmetic, ties, dare_linear, dare_ties,
+    breadcrumbs, pcb, magnitude_prune) and merge.KEY=VALUE; output=lora: output.name (registered
+    name), output.rank, output.replace=true (replace an adapter of that name), output.path (also
+    export a PEFT directory), output.overwrite=true (replace a previous export there);
+    output=checkpoint: output.path (required), output.max_shard_size, output.overwrite=true
+    (replace a previous checkpoint there). An output path is never the current directory, the
+    library, a folder containing it or a file; everything is checked before the merge runs.
     """
     from omegaconf import OmegaConf
 
-    from .library import base_model_dir
+    from .library import base_model_dir, check_name
+    from .library.paths import check_output_dir
     from .merging import merge, merge_to_checkpoint
 
     cfg = _cfg(ctx)
-    if not cfg.adapters:
-        raise ValueError("name the adapters to merge: adapters=[a,b,...]")
+    names, weights = _merge_inputs(cfg)
     lib = _existing(cfg, library)
-    adapters = [lib.get(n) for n in cfg.adapters]
-    weights = list(cfg.weights) if cfg.weights is not None else None
+    out = cfg.output
+    if out.kind not in ("lora", "checkpoint"):
+        raise ValueError(f"unknown output {out.kind!r}; valid: lora, checkpoint")
+    lib.require(names)
+    if out.kind == "lora":  # every check before the merge work and before any write
+        check_name(out.name)
+        if out.name in lib and not out.replace:
+            raise ValueError(f"an adapter named {out.name!r} already exists; "
+                             "choose another output.name or pass output.replace=true")
+        if out.path:
+            check_output_dir(out.path, "peft", overwrite=out.overwrite, protect=[lib.path],
+                             hint="output.overwrite=true")
+    adapters = [lib.get(n) for n in names]
     params = OmegaConf.to_container(cfg.merge)
     method = params.pop("name")
-    out = cfg.output
     if out.kind == "checkpoint":
         path = merge_to_checkpoint(base_model_dir(cfg.model.name, cfg.model.cache_dir), adapters, out.path,
                                    method=method, weights=weights, max_shard_size=out.max_shard_size,
-                                   overwrite=out.overwrite, progress=True, **params)
-        result = {"method": method, "adapters": list(cfg.adapters), "checkpoint": str(path)}
-    elif out.kind == "lora":
+                                   overwrite=out.overwrite, progress=True, protect=[lib.path],
+                                   overwrite_hint="output.overwrite=true", **params)
+        result = {"method": method, "adapters": names, "checkpoint": str(path)}
+    else:
         merged = merge(adapters, method=method, weights=weights, rank=out.rank, name=out.name,
                        progress=True, **params)
-        rec = lib.add(merged, out.name, description=f"{method} merge of {', '.join(cfg.adapters)}",
+        peft_dir = None
+        if out.path:  # written first: a failed export leaves the library unchanged
+            from .library import write_peft_dir
+
+            peft_dir = write_peft_dir(merged, out.path, overwrite=out.overwrite, protect=[lib.path],
+                                      hint="output.overwrite=true")
+        rec = lib.add(merged, out.name, description=f"{method} merge of {', '.join(names)}",
                       tags=["merged"], replace=out.replace)
         report = merged.metadata["merge"]
-        result = {"method": method, "adapters": list(cfg.adapters), "registered": rec.name,
+        result = {"method": method, "adapters": names, "registered": rec.name,
                   "rank": rec.rank, "min_retained_energy": report["min_retained_energy"],
                   "mean_sign_conflict": report["mean_sign_conflict"]}
-        if out.path:
-            result["peft_dir"] = str(lib.export_peft(rec.name, out.path))
-    else:
-        raise ValueError(f"unknown output {out.kind!r}; valid: lora, checkpoint")
-    _print(result, as_json)
+        if peft_dir is not None:
+            result["peft_dir"] = str(peft_dir)
+    if as_json:
+        return _print(result, True)
+    console.print(_table(result, title=f"{method} merge"))
 
 
 @app.command("train", context_settings=EXTRA)
@@ -381,18 +541,34 @@ def demo(library: LibraryOpt = None,
     run_demo(library, prompt)
 
 
+def _one_line(e: BaseException) -> str:
+    msg = str(e.args[0]) if isinstance(e, LookupError) and e.args else str(e)
+    return "; ".join(line.strip() for line in msg.splitlines() if line.strip())
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {_one_line(message) if isinstance(message, BaseException) else message}", file=sys.stderr)
+
+
 def main() -> None:
+    import sqlite3
+    import warnings
+
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     from .library import QuiverError
 
+    warnings.showwarning = _show_warning  # Quiver's warnings as one "warning: ..." line each
     try:
         app()
-    except (QuiverError, ValueError, LookupError, FileNotFoundError, FileExistsError,
-            NotADirectoryError, ModuleNotFoundError, HydraException, OmegaConfBaseException) as e:
-        msg = e.args[0] if isinstance(e, LookupError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
+    except (QuiverError, ValueError, LookupError, OSError, ModuleNotFoundError, HydraException,
+            OmegaConfBaseException) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except sqlite3.DatabaseError as e:
+        print(f"error: the library catalog (catalog.sqlite) cannot be read ({e}); restore it from a backup",
+              file=sys.stderr)
         sys.exit(2)
 
 

@@ -28,7 +28,7 @@ from filelock import FileLock
 from torch import nn
 
 DEFAULT_MODEL = "smollm2-135m"
-_FINGERPRINT_FILE = "quiver-fingerprint.json"
+FINGERPRINT_FILE = "quiver-fingerprint.json"
 _CACHE_FORMAT = 1
 
 
@@ -129,10 +129,42 @@ def load_base_model(
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
     model._quiver_model_id = model_id
-    fp_file = path / _FINGERPRINT_FILE
-    if fp_file.is_file():
-        model._quiver_fingerprint = json.loads(fp_file.read_text())["fingerprint"]
+    _attach_fingerprint(model, path)
     return model, tok
+
+
+def weights_stamp(path: Path) -> dict[str, list[int]]:
+    """``{weight file: [size, mtime_ns]}`` of a checkpoint directory: what a stored fingerprint
+    was computed from. Any rewrite of a weight file changes its stamp."""
+    stamp = {}
+    for f in sorted(path.iterdir()):
+        if f.is_file() and f.name.endswith((".safetensors", ".bin", ".gguf")):
+            st = f.stat()
+            stamp[f.name] = [st.st_size, st.st_mtime_ns]
+    return stamp
+
+
+def _attach_fingerprint(model: nn.Module, path: Path) -> None:
+    """Use the directory's stored fingerprint only if it was computed from these very weight
+    files (same names, sizes and modification times); otherwise recompute it from the loaded
+    weights, never trusting a copied or stale record, and refresh a record Quiver wrote."""
+    fp_file = path / FINGERPRINT_FILE
+    record = None
+    if fp_file.is_file():
+        try:
+            record = json.loads(fp_file.read_text())
+        except (OSError, ValueError):
+            record = None
+    stamp = weights_stamp(path)
+    if isinstance(record, dict) and record.get("weights") == stamp and isinstance(record.get("fingerprint"), str):
+        model._quiver_fingerprint = record["fingerprint"]
+        return
+    fp = fingerprint(model)
+    if isinstance(record, dict) and "source" in record:  # Quiver's own cache record: refresh it
+        try:
+            fp_file.write_text(json.dumps(record | {"fingerprint": fp, "weights": stamp}))
+        except OSError:
+            pass
 
 
 def base_model_dir(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -180,7 +212,7 @@ def _cached_gguf_checkpoint(name: str, cache_root: Path) -> Path:
     gguf = _gguf_path(name)
     stamp = {"format": _CACHE_FORMAT, "gguf": gguf.name, "size": gguf.stat().st_size}
     target = cache_root / "models" / name
-    fp_file = target / _FINGERPRINT_FILE
+    fp_file = target / FINGERPRINT_FILE
 
     def fresh() -> bool:
         return fp_file.is_file() and json.loads(fp_file.read_text()).get("source") == stamp
@@ -195,7 +227,8 @@ def _cached_gguf_checkpoint(name: str, cache_root: Path) -> Path:
         try:
             model, tok = _convert_gguf(gguf, tmp)
             fp = fingerprint(model)
-            (tmp / _FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fp, "source": stamp}))
+            (tmp / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fp, "source": stamp,
+                                                            "weights": weights_stamp(tmp)}))
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)

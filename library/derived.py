@@ -70,6 +70,8 @@ class DerivedMixin:
         ``k + (adapters outside among)`` deep, so that the k best of them are found."""
         if k < 1:
             raise ValueError("k must be at least 1")
+        if any(not isinstance(q, str) or not q.strip() for q in queries):
+            raise ValueError("empty search query: give words to match against the adapters' descriptions")
         index = self._text_index()
         vectors = emb.embed_texts(list(queries), self.embed_config.text_batch_size).numpy()  # [Q, 384]
         if among is None:
@@ -89,7 +91,8 @@ class DerivedMixin:
         if index is None or index.stamp != stamp:
             names, vectors = self.text_embeddings()
             index = VectorIndex.build(vectors.numpy(), names, cfg, stamp)
-            index.save(path)
+            if not self.read_only:  # a read-only library keeps the index in memory only
+                index.save(path)
         self._loaded_text_index = index
         return index
 

@@ -27,3 +27,11 @@ class DuplicateNameError(QuiverError, ValueError):
 
 class CorruptBlobError(QuiverError):
     """A stored blob's bytes no longer match the hash it was stored under."""
+
+
+class CatalogError(QuiverError):
+    """A library's catalog.sqlite is empty, truncated or damaged (the message says how to recover)."""
+
+
+class ReadOnlyLibraryError(QuiverError):
+    """A write was asked of a library opened from a read-only location."""

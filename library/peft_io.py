@@ -23,7 +23,8 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from .adapter import BaseModelRef, LoraAdapter, LoraModule
 from .errors import AdapterFormatError, UnsupportedAdapterError
+from .paths import check_output_dir, publish, staging_dir
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -142,6 +144,7 @@ def read_peft_dir(peft_dir: str | os.PathLike, name: str, base: BaseModelRef) ->
         modules[path] = LoraModule(A=A, B=B, alpha=alpha)
     if not modules:
         raise AdapterFormatError(f"{weights}: no LoRA tensors")
+    _warn_config_mismatch(peft_dir, cfg, sorted(modules), base)
     return LoraAdapter(
         name=name,
         base_model=base,
@@ -150,6 +153,35 @@ def read_peft_dir(peft_dir: str | os.PathLike, name: str, base: BaseModelRef) ->
         rank=int(cfg["r"]),
         alpha=float(cfg["lora_alpha"]),
     )
+
+
+def _model_key(name: str) -> str:
+    """A model name compared loosely: last path part, lower case, without -instruct/-chat."""
+    key = str(name).rstrip("/").rsplit("/", 1)[-1].lower()
+    for suffix in ("-instruct", "-chat", "-it"):
+        key = key.removesuffix(suffix)
+    return key
+
+
+def _warn_config_mismatch(peft_dir: Path, cfg: dict, paths: list[str], base: BaseModelRef) -> None:
+    """Warn (the adapter is still read) when ``adapter_config.json`` promises modules the weights
+    lack, or names a base model other than the library's: shapes alone cannot tell two models of
+    one architecture apart."""
+    targets = cfg.get("target_modules")
+    if isinstance(targets, list):
+        missing = [t for t in targets if isinstance(t, str)
+                   and not any(p == t or p.endswith("." + t) for p in paths)]
+        if missing:
+            warnings.warn(f"{peft_dir}: {CONFIG_NAME} lists target module(s) {missing} but "
+                          f"{WEIGHTS_NAME} has no tensors for them; only the modules present are imported",
+                          stacklevel=3)
+    named = cfg.get("base_model_name_or_path")
+    if isinstance(named, str) and named and base.id and named != base.id:
+        a, b = _model_key(named), _model_key(base.id)
+        if a not in b and b not in a:
+            warnings.warn(f"{peft_dir}: {CONFIG_NAME} says it was trained on {named!r}, but the library's base "
+                          f"model is {base.id!r}; the shapes match, so it is imported, but check it belongs "
+                          "to this model", stacklevel=3)
 
 
 def peft_config_for(adapter: LoraAdapter) -> dict:
@@ -182,13 +214,13 @@ def peft_config_for(adapter: LoraAdapter) -> dict:
     }
 
 
-def write_peft_dir(adapter: LoraAdapter, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write ``adapter`` as a PEFT directory; atomic (temp dir renamed into place)."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+def write_peft_dir(adapter: LoraAdapter, out_dir: str | os.PathLike, overwrite: bool = False, *,
+                   protect: Sequence[str | os.PathLike] = (), hint: str = "overwrite=True") -> Path:
+    """Write ``adapter`` as a PEFT directory, following the output-path rule of
+    :mod:`quiver.library.paths` (``protect``: paths that must survive; ``hint``: how the caller
+    asks for an overwrite). Written beside ``out_dir`` and swapped into place."""
+    out = check_output_dir(out_dir, "peft", overwrite=overwrite, protect=protect, hint=hint)
+    tmp = staging_dir(out)
     try:
         tensors = {}
         for path, m in adapter.modules.items():
@@ -196,9 +228,7 @@ def write_peft_dir(adapter: LoraAdapter, out_dir: str | os.PathLike, overwrite: 
             tensors[f"{_PREFIX}{path}.lora_B.weight"] = m.B.contiguous()
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(peft_config_for(adapter), indent=2))
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -41,8 +42,10 @@ from .base_model import BaseModelSpec
 from .derived import DerivedMixin
 from .errors import (
     AdapterNotFoundError,
+    CatalogError,
     CorruptBlobError,
     DuplicateNameError,
+    ReadOnlyLibraryError,
     ValidationError,
 )
 from .index import IndexConfig, VectorIndex
@@ -91,6 +94,7 @@ CREATE TABLE IF NOT EXISTS derived (
 );
 """
 _SCHEMA_VERSION = 1
+_CATALOG = "catalog.sqlite"
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,7 @@ class VerifyReport:
     checked: int
     damaged: list[tuple[str, str]]  # (adapter name, problem)
     orphan_blobs: list[str]
+    refused: str | None = None  # why ``fix_orphans`` deleted nothing, when it refused
 
     @property
     def ok(self) -> bool:
@@ -130,7 +135,7 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "checked": self.checked, "damaged": self.damaged,
-                "orphan_blobs": self.orphan_blobs}
+                "orphan_blobs": self.orphan_blobs, "refused": self.refused}
 
 
 @dataclass
@@ -146,10 +151,11 @@ class Library(DerivedMixin):
     """A directory of LoRA adapters for one base model. Open with :meth:`open`."""
 
     def __init__(self, path: Path, conn: sqlite3.Connection, embed_config: EmbeddingConfig,
-                 index_config: IndexConfig):
+                 index_config: IndexConfig, read_only: bool = False):
         self.path = path
         self._conn = conn
-        self._lock = FileLock(str(path / "library.lock"))
+        self.read_only = read_only
+        self._lock = _ReadOnlyLock(path) if read_only else FileLock(str(path / "library.lock"))
         self.embed_config = embed_config
         self.index_config = index_config
         self._loaded_text_index: VectorIndex | None = None  # reused while its stamp matches
@@ -158,29 +164,52 @@ class Library(DerivedMixin):
     @classmethod
     def open(cls, path: str | os.PathLike, base_model: nn.Module | BaseModelSpec | None = None,
              *, embed_config: EmbeddingConfig | None = None,
-             index_config: IndexConfig | None = None) -> Library:
-        """Open the library at ``path``, creating an empty one if missing.
+             index_config: IndexConfig | None = None, create: bool = False) -> Library:
+        """Open the library at ``path``.
 
-        ``base_model`` (a loaded model or its :class:`BaseModelSpec`) binds an empty library
-        to that model; for a bound library it must have the same fingerprint.
+        A missing library is created only when ``base_model`` is given (or ``create=True``, which
+        makes one not yet bound to a model); otherwise a typo in ``path`` is an error, not a new
+        empty library. ``base_model`` (a loaded model or its :class:`BaseModelSpec`) binds an
+        empty library to that model; for a bound library it must have the same fingerprint.
+
+        A library in a location this process cannot write is opened read-only: reading works,
+        every write raises :class:`ReadOnlyLibraryError`. A catalog that is empty (0 bytes) while
+        blobs exist, or that SQLite cannot read, raises :class:`CatalogError` saying how to
+        recover; the blobs are never touched.
         """
         path = Path(path)
+        catalog = path / _CATALOG
         if path.exists() and not path.is_dir():
             raise NotADirectoryError(f"{path} exists and is not a library directory")
-        for sub in ("blobs", "tmp", "index"):
-            (path / sub).mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path / "catalog.sqlite", timeout=60, isolation_level=None,
-                               check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=60000")
-        lib = cls(path, conn, embed_config or EmbeddingConfig(), index_config or IndexConfig())
-        with lib._lock, lib._write():
-            for stmt in filter(str.strip, _SCHEMA.split(";")):
-                conn.execute(stmt)
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(_SCHEMA_VERSION),))
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('generation', '0')")
+        exists = catalog.is_file()
+        if exists:
+            _check_catalog_size(path)
+        elif base_model is None and not create:
+            raise FileNotFoundError(f"no library at {path} (create one with Library.open(path, base_model=model) "
+                                    f"or `quiver library init -L {path}`)")
+        read_only = exists and not _writable(path)
+        try:
+            if read_only:
+                conn = _connect_read_only(catalog)
+            else:
+                for sub in ("blobs", "tmp", "index"):
+                    (path / sub).mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(catalog, timeout=60, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA busy_timeout=60000")
+            conn.row_factory = sqlite3.Row
+            lib = cls(path, conn, embed_config or EmbeddingConfig(), index_config or IndexConfig(), read_only)
+            if read_only:
+                lib._meta("schema_version")
+            else:
+                with lib._lock, lib._write():
+                    for stmt in filter(str.strip, _SCHEMA.split(";")):
+                        conn.execute(stmt)
+                    conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(_SCHEMA_VERSION),))
+                    conn.execute("INSERT OR IGNORE INTO meta VALUES ('generation', '0')")
+        except sqlite3.DatabaseError as e:
+            raise CatalogError(damaged_catalog_message(path, e)) from None
         if base_model is not None:
             lib.set_base_model(base_model)
         return lib
@@ -196,7 +225,13 @@ class Library(DerivedMixin):
 
     def _write(self):
         """A write transaction (``BEGIN IMMEDIATE``) as a context manager."""
+        self._check_writable()
         return _Transaction(self._conn)
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyLibraryError(f"library {self.path} is read-only (this user cannot write there); "
+                                       "reading works, changes need write access")
 
     def _meta(self, key: str) -> str | None:
         row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -236,23 +271,28 @@ class Library(DerivedMixin):
         if spec is None:
             raise ValidationError(
                 f"library {self.path} has no base model yet: open it with base_model=... "
-                "(or run `quiver library init DIR`) before adding adapters"
+                f"(or run `quiver library init -L {self.path}`) before adding adapters"
             )
         return spec
 
     # -- adding --------------------------------------------------------------------------------
-    def add(self, adapter: LoraAdapter, name: str | None = None, *, description: str = "",
-            examples: Sequence[str] = (), tags: Sequence[str] = (), replace: bool = False) -> AdapterRecord:
+    def add(self, adapter: LoraAdapter, name: str | None = None, *, description: str | None = None,
+            examples: Sequence[str] | None = None, tags: Sequence[str] | None = None,
+            replace: bool = False) -> AdapterRecord:
         """Validate and store ``adapter``; atomic (see the module docstring).
 
         With ``replace=True`` an existing adapter of that name is replaced and its ``version``
-        increases; otherwise a duplicate name is an error.
+        increases; its description, examples and tags are kept unless new ones are given
+        (``None`` = keep; ``""`` / ``[]`` = clear). Otherwise a duplicate name is an error.
         """
+        self._check_writable()
         name = check_name(adapter.name if name is None else name)
         adapter.name = name
         spec = self._require_base()
         validate_adapter(adapter, spec)
-        examples, tags = _str_list(examples, "examples"), _str_list(tags, "tags")
+        given = {"description": description,
+                 "examples": None if examples is None else json.dumps(_str_list(examples, "examples")),
+                 "tags": None if tags is None else json.dumps(_str_list(tags, "tags"))}
         if not replace and self._row(name) is not None:
             raise DuplicateNameError(f"an adapter named {name!r} already exists")
         data = adapter.to_bytes()
@@ -261,12 +301,14 @@ class Library(DerivedMixin):
             old = self._row(name)
             if old is not None and not replace:
                 raise DuplicateNameError(f"an adapter named {name!r} already exists")
+            fresh = {"description": "", "examples": "[]", "tags": "[]"}
+            meta = {k: v if v is not None else (old[k] if old is not None else fresh[k]) for k, v in given.items()}
             now = time.time()
             values = (
                 name, digest, len(data), adapter.base_model.id, adapter.base_model.fingerprint,
                 adapter.rank, adapter.alpha, json.dumps(adapter.target_modules),
-                len(adapter.modules), adapter.num_parameters(), description,
-                json.dumps(examples), json.dumps(tags),
+                len(adapter.modules), adapter.num_parameters(), meta["description"],
+                meta["examples"], meta["tags"],
                 (old["version"] + 1) if old else 1, old["created_at"] if old else now, now,
             )
             self._conn.execute("INSERT OR REPLACE INTO adapters VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", values)
@@ -298,6 +340,7 @@ class Library(DerivedMixin):
         blob is durably in place; it returns ``(result, replaced_blob_or_None)``. A replaced
         blob is deleted if nothing references it any more.
         """
+        self._check_writable()
         digest = hashlib.sha256(data).hexdigest()
         tmp = self._write_tmp(data)
         try:
@@ -376,9 +419,11 @@ class Library(DerivedMixin):
             raise CorruptBlobError(f"adapter {name!r}: blob {digest[:12]} is damaged (hash mismatch)")
         return data
 
-    def export_peft(self, name: str, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write adapter ``name`` as a PEFT LoRA directory."""
-        return write_peft_dir(self.get(name), out_dir, overwrite=overwrite)
+    def export_peft(self, name: str, out_dir: str | os.PathLike, overwrite: bool = False, *,
+                    hint: str = "overwrite=True") -> Path:
+        """Write adapter ``name`` as a PEFT LoRA directory (never into or over this library:
+        the output-path rule of :mod:`quiver.library.paths`)."""
+        return write_peft_dir(self.get(name), out_dir, overwrite=overwrite, protect=(self.path,), hint=hint)
 
     # -- changing -------------------------------------------------------------------------------
     def remove(self, name: str) -> None:
@@ -443,8 +488,20 @@ class Library(DerivedMixin):
 
     # -- integrity --------------------------------------------------------------------------------
     def verify(self, *, fix_orphans: bool = False) -> VerifyReport:
-        """Re-hash every referenced blob; list damaged adapters and unreferenced blobs."""
+        """Re-hash every referenced blob; list damaged adapters and unreferenced blobs.
+
+        ``fix_orphans`` deletes unreferenced blobs and the ``tmp/*.part`` files of writers that
+        are gone (their process has exited, or they are over an hour old) -- but never blobs
+        while the catalog looks damaged (SQLite's ``quick_check`` fails) or references nothing
+        at all while blobs exist: then ``refused`` says why and every blob stays.
+        """
         damaged: list[tuple[str, str]] = []
+        try:
+            problems = [r[0] for r in self._conn.execute("PRAGMA quick_check").fetchall()]
+        except sqlite3.DatabaseError as e:
+            problems = [str(e)]
+        if problems != ["ok"]:
+            raise CatalogError(damaged_catalog_message(self.path, "; ".join(problems[:3])))
         records = self.list()
         for rec in records:
             try:
@@ -455,13 +512,19 @@ class Library(DerivedMixin):
             referenced = {rec.blob for rec in self.list()} | {
                 r[0] for r in self._conn.execute("SELECT blob FROM artifacts")}
             orphans = sorted(p.name for p in (self.path / "blobs").glob("*/*") if p.name not in referenced)
-            if fix_orphans:
+            refused = None
+            if fix_orphans and orphans and not referenced:
+                refused = (f"not deleting {len(orphans)} unreferenced blob(s): the catalog references no blob at "
+                           "all, which looks like a lost or replaced catalog.sqlite; restore the catalog from a "
+                           "backup, or remove the blobs by hand if the library really is empty")
+            elif fix_orphans:
                 for digest in orphans:
                     self._drop_blob_if_unused(digest)
+            if fix_orphans:
                 for part in (self.path / "tmp").glob("*.part"):
-                    if time.time() - part.stat().st_mtime > 3600:  # not an add in progress
+                    if _abandoned(part):
                         part.unlink(missing_ok=True)
-        return VerifyReport(checked=len(records), damaged=damaged, orphan_blobs=orphans)
+        return VerifyReport(checked=len(records), damaged=damaged, orphan_blobs=orphans, refused=refused)
 
     # -- artifacts (trained routers, shard pools, ...) ------------------------------------------------
     def put_artifact(self, kind: str, name: str, tensors: dict[str, torch.Tensor], config: dict,
@@ -525,6 +588,8 @@ class Library(DerivedMixin):
         return row[0] if row else None
 
     def _put_derived(self, items: Iterable[tuple[str, str, str, bytes]]) -> None:
+        if self.read_only:
+            return  # computed for this process only; a read-only library caches nothing
         now = time.time()
         with self._write():
             self._conn.executemany("INSERT OR REPLACE INTO derived VALUES (?,?,?,?,?)",
@@ -542,6 +607,79 @@ def _artifact_handler(kind: str):
 
         importlib.import_module("quiver.routing")  # registers the "router" handler
     return ARTIFACT_HANDLERS[kind]
+
+
+def damaged_catalog_message(path: Path, problem) -> str:
+    return (f"the catalog {path / _CATALOG} is damaged ({problem}); the adapters' bytes in {path / 'blobs'} "
+            "are untouched: restore catalog.sqlite from a backup, or move it aside, run "
+            f"`quiver library init -L {path}` and add the adapters again")
+
+
+def _check_catalog_size(path: Path) -> None:
+    """A 0-byte catalog beside stored blobs was truncated or lost: refuse to treat it as empty."""
+    if (path / _CATALOG).stat().st_size == 0:
+        blobs = sum(1 for _ in (path / "blobs").glob("*/*"))
+        if blobs:
+            raise CatalogError(damaged_catalog_message(path, f"it is empty (0 bytes) while blobs/ holds "
+                                                             f"{blobs} blob(s)"))
+
+
+def _writable(path: Path) -> bool:
+    """Whether this process can create files in ``path`` (tried, since permission bits do not
+    tell for root, read-only mounts or immutable directories)."""
+    if not os.access(path, os.W_OK | os.X_OK):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            return True
+    except OSError:
+        return False
+
+
+def _connect_read_only(catalog: Path) -> sqlite3.Connection:
+    """A read-only connection: ``mode=ro``, or ``immutable=1`` where SQLite cannot create its
+    WAL index beside a read-only catalog."""
+    uri = catalog.resolve().as_uri()
+    try:
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+        conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        return conn
+    except sqlite3.OperationalError:
+        return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None,
+                               check_same_thread=False)
+
+
+def _abandoned(part: Path) -> bool:
+    """A ``tmp/<pid>-<ns>.part`` file whose writer is gone (no such process) or is over an hour old."""
+    try:
+        if time.time() - part.stat().st_mtime > 3600:
+            return True
+        pid = int(part.name.split("-", 1)[0])
+    except (OSError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class _ReadOnlyLock:
+    """Stands in for the write lock of a read-only library: taking it is refusing the write."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        raise ReadOnlyLibraryError(f"library {self.path} is read-only (this user cannot write there); "
+                                   "reading works, changes need write access")
+
+    def __exit__(self, *exc):
+        return False
 
 
 class _Transaction:

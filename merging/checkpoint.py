@@ -19,16 +19,17 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
 from quiver.library.adapter import LoraAdapter
+from quiver.library.base_model import FINGERPRINT_FILE
 from quiver.library.errors import ValidationError
+from quiver.library.paths import check_output_dir, publish, staging_dir
 
-from .inputs import INDEX_NAME, CheckpointDir, Source, TaskVectors, TensorInfo
+from .inputs import INDEX_NAME, CheckpointDir, Source, TaskVectors, TensorInfo, warn_degenerate
 from .methods import MergeSpec, build, check_weights
 
 PROVENANCE_NAME = "quiver_merge.json"
@@ -52,6 +53,8 @@ def merge_to_checkpoint(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     progress: bool = False,
+    protect: Sequence[str | os.PathLike] = (),
+    overwrite_hint: str = "overwrite=True",
     **params,
 ) -> Path:
     """Merge adapters and/or fine-tuned checkpoint directories into the base model's weights.
@@ -59,23 +62,26 @@ def merge_to_checkpoint(
     ``sources``: :class:`LoraAdapter` objects (module paths are the base's, the weight is
     ``{path}.weight``) and/or paths of full fine-tuned checkpoints of the same base. ``weights``
     are per source; ``params`` the method's (see :data:`quiver.merging.METHODS`). An existing,
-    non-empty ``out_dir`` is refused unless ``overwrite``. Returns the output directory.
+    ``out_dir`` follows the output-path rule of :mod:`quiver.library.paths` (never the current
+directory, a library, a folder holding an input or one of ``protect``, or a file; an existing
+checkpoint is replaced only with ``overwrite``, written beside it and swapped in). The base's
+``quiver-fingerprint.json`` is not copied: the merged weights have their own fingerprint.
+Returns the output directory.
     """
     out = Path(out_dir)
     base = CheckpointDir(base_model_dir)
     readers = [s if isinstance(s, LoraAdapter) else CheckpointDir(s) for s in sources]
     if not readers:
         raise ValidationError("nothing to merge: no adapters or checkpoints given")
-    _check_output(
-        out, [base.path, *(r.path for r in readers if isinstance(r, CheckpointDir))], overwrite
-    )
+    check_output_dir(out, "checkpoint", overwrite=overwrite, hint=overwrite_hint,
+                     protect=[base.path, *(r.path for r in readers if isinstance(r, CheckpointDir)), *protect])
+    warn_degenerate([_label(r) for r in readers])
     task_vectors = TaskVectors(base, readers)
     w = check_weights(weights, len(readers), "sources")
     spec = build(method, **params)
     shard_limit = _parse_size(max_shard_size)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = staging_dir(out)
     try:
         _write_weights(staging, base, task_vectors, spec, w, shard_limit, progress)
         _copy_side_files(base.path, staging)
@@ -87,24 +93,11 @@ def merge_to_checkpoint(
             "weights": w.tolist(),
         }
         (staging / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
-        _publish(staging, out)
+        publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
-
-
-def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
-    resolved = out.resolve()
-    for path in inputs:
-        if resolved == path.resolve() or path.resolve().is_relative_to(resolved):
-            raise ValidationError(
-                f"output directory {str(out)!r} would overwrite input {str(path)!r}"
-            )
-    if out.exists() and not out.is_dir():
-        raise ValidationError(f"output {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output directory {str(out)!r} is not empty (pass overwrite=True)")
 
 
 def _write_weights(
@@ -192,21 +185,11 @@ def _nbytes(info: TensorInfo) -> int:
 
 def _copy_side_files(base: Path, staging: Path) -> None:
     """Config, generation config, tokenizer, chat template...: every top-level file of the base
-    directory that is not a weight file or a weight index."""
+    directory that is not a weight file, a weight index or the base's fingerprint record."""
     for item in base.iterdir():
-        if item.is_file() and not item.name.endswith((*_WEIGHT_SUFFIXES, ".index.json")):
+        if (item.is_file() and not item.name.endswith((*_WEIGHT_SUFFIXES, ".index.json"))
+                and item.name != FINGERPRINT_FILE):
             shutil.copy2(item, staging / item.name)
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Rename the finished directory into place (replacing an allowed existing one)."""
-    if out.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        out.rename(retired / out.name)
-        staging.rename(out)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        staging.rename(out)
 
 
 def _label(source: Source) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,18 @@ def check_adapters(adapters: Sequence[LoraAdapter]) -> None:
                     f"module {path!r}: ΔW is {list(delta_shape(adapter, path))} in adapter "
                     f"{adapter.name!r} but {list(delta_shape(first, path))} in {first.name!r}"
                 )
+
+
+def warn_degenerate(names: Sequence[str]) -> None:
+    """Warn about merges that are valid but rarely meant: one source (the result is that source,
+    rescaled by the method) or a source given twice (it counts twice: weight it instead)."""
+    if len(names) == 1:
+        warnings.warn(f"merging a single source ({names[0]!r}): the result is that source as the method "
+                      "rescales it", stacklevel=3)
+    dup = sorted({n for n in names if list(names).count(n) > 1})
+    if dup:
+        warnings.warn(f"source(s) {dup} given more than once count once per mention; use weights instead",
+                      stacklevel=3)
 
 
 def write_delta(adapter: LoraAdapter, path: str, out: torch.Tensor) -> torch.Tensor:

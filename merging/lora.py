@@ -28,7 +28,7 @@ from tqdm import tqdm
 from quiver.library.adapter import LoraAdapter, LoraModule, check_name
 from quiver.library.errors import ValidationError
 
-from .inputs import check_adapters, delta_shape, write_delta
+from .inputs import check_adapters, delta_shape, warn_degenerate, write_delta
 from .lowrank import Factors, concat, truncate_dense, truncate_factored
 from .methods import MergeSpec, build, check_weights
 from .sparsify import Stats
@@ -52,6 +52,7 @@ def merge(
     """
     adapters = list(adapters)
     check_adapters(adapters)
+    warn_degenerate([adapter.name for adapter in adapters])
     w = check_weights(weights, len(adapters), "adapters")
     spec = build(method, **params)
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):

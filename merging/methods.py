@@ -321,6 +321,8 @@ def check_weights(weights: Sequence[float] | None, count: int, what: str) -> tor
         raise ValidationError(f"got {len(weights)} weights for {count} {what}")
     if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
         raise ValidationError(f"weights must be finite numbers, got {weights}")
+    if all(w == 0 for w in weights):
+        raise ValidationError(f"weights are all zero ({weights}): the merge would change nothing")
     return torch.tensor(weights, dtype=torch.float32)
 
 

@@ -14,7 +14,7 @@ from .trace import Trace
 class Answer:
     prompt: str
     text: str
-    tokens: list[str]  # every position the trace covers: the (padded) prompt, then the answer
+    tokens: list[str]  # every position the trace covers (the padded prompt, then the answer), as text
     adapter_share: dict[str, float] = field(default_factory=dict)  # routing weight carried, by adapter
 
     def top_adapters(self, n: int = 3) -> list[tuple[str, float]]:
@@ -35,6 +35,11 @@ def encode_prompts(tok, prompts: list[str], chat_template: bool = True) -> dict:
     tok.padding_side = "left"
     return tok(render_prompts(tok, prompts, chat_template), return_tensors="pt", padding=True,
                add_special_tokens=not chat_template)
+
+
+def token_texts(tok, ids: list[int]) -> list[str]:
+    """Each token id as the text it stands for (``" the"``, not byte-level BPE's ``"Ġthe"``)."""
+    return [tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in ids]
 
 
 @torch.no_grad()
@@ -66,6 +71,6 @@ def answer(rm: RoutedModel, tok, prompts: list[str], *, routers=None, tasks: lis
     answers = []
     for i, p in enumerate(prompts):
         text = tok.decode(out[i, width:], skip_special_tokens=True).strip()
-        tokens = tok.convert_ids_to_tokens(out[i, : out.shape[1] - 1].tolist())
+        tokens = token_texts(tok, out[i, : out.shape[1] - 1].tolist())
         answers.append(Answer(p, text, tokens, tr.adapter_share(i) if tr is not None else {}))
     return answers, tr

@@ -73,6 +73,12 @@ class Trace:
         return dict(sorted(((a, v / s) for a, v in total.items()), key=lambda kv: -kv[1]))
 
     def heatmap(self, path: str | Path, row: int = 0, tokens: list[str] | None = None) -> None:
+        """Draw request ``row`` as tokens × layers, each cell coloured by its top adapter.
+
+        Only the adapters that are some cell's top adapter get a colour, each a different one
+        (:func:`adapter_colors`); past 10 of them every cell also carries the adapter's number,
+        which the colour bar lists. ``tokens`` (text, e.g. ``Answer.tokens``) label the x axis.
+        """
         import matplotlib
 
         matplotlib.use("Agg")
@@ -80,19 +86,49 @@ class Trace:
         from matplotlib.colors import ListedColormap
 
         names, layers, top = self.top_adapters(row)
-        cmap = ListedColormap(plt.get_cmap("tab20").colors[: max(1, len(names))])
-        fig, ax = plt.subplots(figsize=(max(6, 0.25 * top.shape[0] + 2), max(3, 0.22 * top.shape[1] + 1.5)))
-        im = ax.imshow(top.T.numpy(), aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(names) - 0.5,
+        shown = sorted(set(top.flatten().tolist()))
+        remap = torch.full((max(1, len(names)),), -1, dtype=torch.long)
+        remap[shown] = torch.arange(len(shown))
+        cells = remap[top]  # [tokens, layers] -> index among the shown adapters
+        labels = [names[i] for i in shown]
+        cmap = ListedColormap(adapter_colors(max(1, len(labels))))
+        fig, ax = plt.subplots(figsize=(max(6, 0.25 * cells.shape[0] + 2), max(3, 0.22 * cells.shape[1] + 1.5)))
+        im = ax.imshow(cells.T.numpy(), aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(labels) - 0.5,
                        interpolation="nearest", origin="lower")
+        if len(labels) > 10:
+            for t in range(cells.shape[0]):
+                for li in range(cells.shape[1]):
+                    ax.text(t, li, str(int(cells[t, li])), ha="center", va="center", fontsize=5)
         ax.set_xlabel("token")
         ax.set_ylabel("layer")
         step = max(1, len(layers) // 15)
         ax.set_yticks(range(0, len(layers), step), [str(n) for n in layers[::step]])
-        if tokens is not None and len(tokens) == top.shape[0]:
-            ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7)
-        cbar = fig.colorbar(im, ax=ax, ticks=range(len(names)))
-        cbar.ax.set_yticklabels(names)
+        if tokens is not None and len(tokens) == cells.shape[0]:
+            ax.set_xticks(range(len(tokens)), [_visible(t) for t in tokens], rotation=90, fontsize=7)
+        cbar = fig.colorbar(im, ax=ax, ticks=range(len(labels)))
+        cbar.ax.set_yticklabels([f"{i}: {n}" if len(labels) > 10 else n for i, n in enumerate(labels)])
         ax.set_title("top adapter per token and layer")
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
+
+
+def adapter_colors(n: int) -> list[tuple[float, float, float]]:
+    """``n`` different RGB colours: hues spread evenly around the circle and visited by the
+    golden ratio, so neighbouring indices get far-apart hues; past 12 colours the lightness
+    alternates over three levels as well. No two are equal for any ``n`` (unlike a fixed
+    20-colour map), and there are no light/dark pairs of one hue that would suggest related
+    adapters."""
+    import colorsys
+
+    out = []
+    for i in range(n):
+        hue = (i * 0.618033988749895) % 1.0
+        light = 0.5 if n <= 12 else (0.42, 0.58, 0.72)[i % 3]
+        out.append(colorsys.hls_to_rgb(hue, light, 0.75))
+    return out
+
+
+def _visible(token: str) -> str:
+    """A token label with line breaks and tabs drawn as symbols."""
+    return token.replace("\n", "⏎").replace("\t", "⇥") or "∅"

@@ -88,6 +88,7 @@ def test_export_refuses_non_empty_directory(lib, peft_adapter_dir, tmp_path):
     lib.add_peft(peft_adapter_dir(), name="x")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="exists and is not empty"):
-        lib.export_peft("x", tmp_path / "out")
+    for overwrite in (False, True):  # a folder that is not a previous export is never replaced
+        with pytest.raises(ValueError, match="is not empty and is not a PEFT adapter directory"):
+            lib.export_peft("x", tmp_path / "out", overwrite=overwrite)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"

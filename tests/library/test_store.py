@@ -128,7 +128,7 @@ def test_duplicate_name_is_refused_unchanged(lib, tiny_spec):
 
 
 def test_library_without_base_model_refuses_adds(tmp_path, tiny_spec):
-    with Library.open(tmp_path / "nobase") as bare:
+    with Library.open(tmp_path / "nobase", create=True) as bare:
         with pytest.raises(ValidationError, match="has no base model yet"):
             bare.add(random_adapter(tiny_spec, "a"))
 

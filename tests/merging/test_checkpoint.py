@@ -133,12 +133,18 @@ def test_a_non_empty_output_directory_is_refused_unless_overwrite(
     out = tmp_path / "m"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not empty"):
-        merge_to_checkpoint(tiny_llama_dir, adapters, out, "linear")
+    for overwrite in (False, True):  # not a checkpoint: never replaced
+        with pytest.raises(ValueError, match="is not empty and is not a model checkpoint"):
+            merge_to_checkpoint(tiny_llama_dir, adapters, out, "linear", overwrite=overwrite)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    merge_to_checkpoint(tiny_llama_dir, adapters, out, "linear", overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary directory left
+    ckpt = tmp_path / "c"
+    merge_to_checkpoint(tiny_llama_dir, adapters, ckpt, "linear")
+    with pytest.raises(ValueError, match="not empty .* overwrite=True replaces it"):
+        merge_to_checkpoint(tiny_llama_dir, adapters, ckpt, "ties")
+    assert json.loads((ckpt / "quiver_merge.json").read_text())["method"] == "linear"
+    merge_to_checkpoint(tiny_llama_dir, adapters, ckpt, "ties", overwrite=True)  # a previous checkpoint
+    assert json.loads((ckpt / "quiver_merge.json").read_text())["method"] == "ties"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "m"]  # no temporary directory left
 
 
 def test_a_failure_leaves_nothing_half_written(tiny_llama_dir, adapters, tmp_path, monkeypatch):
@@ -192,5 +198,5 @@ def test_bad_arguments_write_nothing(tiny_llama_dir, adapters, tmp_path, kwargs,
 
 
 def test_the_output_may_not_be_an_input(tiny_llama_dir, adapters):
-    with pytest.raises(ValidationError, match="would overwrite input"):
+    with pytest.raises(ValueError, match="which this command reads"):
         merge_to_checkpoint(tiny_llama_dir, adapters, tiny_llama_dir, overwrite=True)
