@@ -19,7 +19,7 @@ from quiver.library import Library
 WORKER = textwrap.dedent("""
     import os, signal, sys
     from quiver.library import Library
-    from quiver.library import store
+    from quiver.library import blobs, store
     from quiver.library.synthetic import random_adapter
 
     path, prefix, n, crash_at, remove_every = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
@@ -29,14 +29,14 @@ WORKER = textwrap.dedent("""
         os.kill(os.getpid(), signal.SIGKILL)
 
     if crash_at == "after_blob":        # blob renamed into place, row not committed
-        orig = store.Library._place_blob
+        orig = blobs.LocalBlobStore._place
         def place(self, tmp, digest):
             orig(self, tmp, digest); die()
-        store.Library._place_blob = place
+        blobs.LocalBlobStore._place = place
     elif crash_at == "before_commit":   # row inserted, transaction not committed
         store.Library._bump_generation = lambda self: die()
     elif crash_at == "mid_tmp":         # temp file half written
-        store.Library._write_tmp = lambda self, data: (open(os.path.join(path, "tmp", "x.part"), "wb").write(data[:100]), die())
+        blobs.LocalBlobStore._write_tmp = lambda self, data: (open(os.path.join(path, "tmp", "x.part"), "wb").write(data[:100]), die())
 
     for i in range(n):
         name = f"{prefix}-{i}"

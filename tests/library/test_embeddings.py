@@ -30,10 +30,10 @@ def test_library_caches_arrow_prototypes_per_content(lib, tiny_spec):
     v_ref, s_ref = emb.arrow_prototype_dense(ad.modules[path].A, ad.modules[path].B, ad.scaling(path))
     assert abs(float(protos[path][0] @ v_ref)) == pytest.approx(1.0, abs=1e-5)
     assert protos[path][1] == pytest.approx(s_ref, rel=1e-5)
-    n_cached = lib._conn.execute("SELECT COUNT(*) FROM derived WHERE blob=? AND kind='arrow'", (rec.blob,)).fetchone()[0]
+    n_cached = lib._catalog.one("SELECT COUNT(*) AS n FROM derived WHERE blob=? AND kind='arrow'", (rec.blob,))["n"]
     assert n_cached == 1
     lib.remove("a")
-    assert lib._conn.execute("SELECT COUNT(*) FROM derived").fetchone()[0] == 0
+    assert lib._catalog.one("SELECT COUNT(*) AS n FROM derived")["n"] == 0
 
 
 def test_svd_embeddings_match_dense_truncated_svd(tmp_path, tiny_spec):

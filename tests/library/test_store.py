@@ -41,7 +41,7 @@ def test_add_get_roundtrip_is_exact_and_content_addressed(lib, tiny_spec):
 
 def test_catalog_is_wal_and_persists_across_opens(lib, tiny_spec):
     lib.add(random_adapter(tiny_spec, "a", seed=1))
-    assert lib._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert lib._catalog.connection.execute("PRAGMA journal_mode").fetchone()["journal_mode"] == "wal"
     with Library.open(lib.path) as again:
         assert again.names() == ["a"] and again.base.fingerprint == tiny_spec.fingerprint
 
