@@ -121,9 +121,9 @@ def test_text_search_ranks_the_matching_description_first(lib, tiny_spec):
         lib.add(random_adapter(tiny_spec, name, seed=i), description=desc, examples=ex)
     assert lib.search("write a SELECT statement for the orders table", k=1)[0][0] == "sql"
     assert lib.search("say this in French please", k=3)[0][0] == "french"
-    first_index = (lib.path / "index" / "text.faiss").stat().st_mtime_ns
+    first_index = (lib._index_dir / "text.faiss").stat().st_mtime_ns
     assert lib.search("add 12 and 30", k=1)[0][0] == "math"
-    assert (lib.path / "index" / "text.faiss").stat().st_mtime_ns == first_index  # reused, not rebuilt
+    assert (lib._index_dir / "text.faiss").stat().st_mtime_ns == first_index  # reused, not rebuilt
     lib.describe("math", description="Translate English into German.", examples=["Guten Tag"])
     assert lib.search("say this in German", k=1)[0][0] == "math"  # stale index was rebuilt
 
