@@ -313,14 +313,22 @@ class Library(DerivedMixin):
         """Store ``data`` as a blob and reference it: the one atomic write path.
 
         Under the blob's lock: the blob is put durably, then ``write_row(digest)`` runs in one
-        transaction; it returns ``(result, replaced_blob_or_None)``. A replaced blob is deleted
-        afterwards if nothing references it any more.
+        transaction; it returns ``(result, replaced_blob_or_None)``. If it raises, the blob is
+        deleted again unless something references it. A replaced blob is deleted afterwards if
+        nothing references it any more.
         """
         digest = sha256(data)
         with self._catalog.blob_lock(digest):
             self._blobs.put(digest, data)
-            with self._write():
-                result, replaced = write_row(digest)
+            try:
+                with self._write():
+                    result, replaced = write_row(digest)
+            except BaseException:
+                try:  # a refused write (e.g. a name another writer took first) leaves no blob behind
+                    self._drop_blob_if_unused(digest)
+                except Exception:  # noqa: BLE001 -- then verify finds the orphan; the first error is the one to see
+                    pass
+                raise
         if replaced is not None and replaced != digest:
             self._drop_blob_if_unused(replaced)
         return result

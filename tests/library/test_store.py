@@ -135,6 +135,15 @@ def test_duplicate_name_is_refused_unchanged(lib, tiny_spec):
     assert snapshot(lib) == before
 
 
+def test_name_taken_by_another_writer_after_the_check_leaves_no_blob(lib, tiny_spec, monkeypatch):
+    lib.add(random_adapter(tiny_spec, "a", seed=1))
+    before = snapshot(lib)
+    monkeypatch.setattr(lib, "_row", lambda name: None)  # as if the name was free when checked
+    with pytest.raises(DuplicateNameError, match="an adapter named 'a' already exists"):
+        lib.add(random_adapter(tiny_spec, "a", seed=2))
+    assert snapshot(lib) == before
+
+
 def test_library_without_base_model_refuses_adds(tmp_path, tiny_spec):
     with Library.open(tmp_path / "nobase") as bare:
         with pytest.raises(ValidationError, match="has no base model yet"):
