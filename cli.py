@@ -176,7 +176,9 @@ def library_verify(ctx: typer.Context, fix: Annotated[bool, typer.Option(help="D
     else:
         console.print(f"checked {report.checked} adapter(s): "
                       f"{'ok' if report.ok else f'{len(report.damaged)} damaged'}; "
-                      f"{len(report.orphan_blobs)} unreferenced blob(s){' removed' if fix else ''}")
+                      f"{len(report.orphan_blobs)} unreferenced blob(s)"
+                      + (f", {len(report.removed_orphans)} removed (younger ones are kept: an add may be "
+                         "in flight)" if fix else ""))
         for name, problem in report.damaged:
             console.print(f"  [red]{name}[/red]: {problem}")
     raise typer.Exit(0 if report.ok else 1)

@@ -2,6 +2,8 @@
 
 from .adapter import BaseModelRef, LoraAdapter, LoraModule, check_name
 from .base_model import DEFAULT_MODEL, BaseModelSpec, base_model_dir, fingerprint, load_base_model
+from .blobs import BlobStoreError
+from .catalog import CatalogError
 from .errors import (
     AdapterFormatError,
     AdapterNotFoundError,
@@ -17,7 +19,7 @@ from .store import AdapterRecord, EmbeddingConfig, Library, VerifyReport
 
 __all__ = [
     "AdapterFormatError", "AdapterNotFoundError", "AdapterRecord", "BaseModelRef", "BaseModelSpec",
-    "CorruptBlobError", "DEFAULT_MODEL", "DuplicateNameError", "EmbeddingConfig", "IndexConfig",
+    "BlobStoreError", "CatalogError", "CorruptBlobError", "DEFAULT_MODEL", "DuplicateNameError", "EmbeddingConfig", "IndexConfig",
     "Library", "LoraAdapter", "LoraModule", "QuiverError", "UnsupportedAdapterError",
     "ValidationError", "VectorIndex", "VerifyReport", "base_model_dir", "check_name", "fingerprint",
     "load_base_model", "read_peft_dir", "write_peft_dir",

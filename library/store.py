@@ -38,7 +38,7 @@ import json
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -101,6 +101,7 @@ class VerifyReport:
     checked: int
     damaged: list[tuple[str, str]]  # (adapter name, problem)
     orphan_blobs: list[str]
+    removed_orphans: list[str] = field(default_factory=list)  # by fix_orphans (past the grace period)
 
     @property
     def ok(self) -> bool:
@@ -108,7 +109,7 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "checked": self.checked, "damaged": self.damaged,
-                "orphan_blobs": self.orphan_blobs}
+                "orphan_blobs": self.orphan_blobs, "removed_orphans": self.removed_orphans}
 
 
 @dataclass
@@ -478,13 +479,12 @@ class Library(DerivedMixin):
         stored = self._blobs.list()  # listed before the references are read: a blob added since is referenced
         referenced = {r["blob"] for r in self._catalog.all("SELECT blob FROM adapters UNION SELECT blob FROM artifacts")}
         orphans = sorted(b.digest for b in stored if b.digest not in referenced)
+        removed = []
         if fix_orphans:
             ages = {b.digest: b.age_s for b in stored}
-            for digest in orphans:
-                if ages[digest] >= grace:
-                    self._drop_blob_if_unused(digest)
+            removed = [d for d in orphans if ages[d] >= grace and self._drop_blob_if_unused(d)]
             self._blobs.clean_tmp(older_than_s=3600)  # temp files of adds that died
-        return VerifyReport(checked=len(records), damaged=damaged, orphan_blobs=orphans)
+        return VerifyReport(checked=len(records), damaged=damaged, orphan_blobs=orphans, removed_orphans=removed)
 
     # -- artifacts (trained routers, shard pools, ...) ------------------------------------------------
     def put_artifact(self, kind: str, name: str, tensors: dict[str, torch.Tensor], config: dict,

@@ -187,9 +187,9 @@ def test_verify_reports_and_removes_orphan_blobs(lib, raw, tiny_spec, backend):
     lib.verify(fix_orphans=True)
     if backend == "team":  # a young orphan may be an add in flight on another machine: kept
         assert orphan in raw.names()
-        lib.verify(fix_orphans=True, orphan_grace_s=3600)
+        assert lib.verify(fix_orphans=True, orphan_grace_s=3600).removed_orphans == []
         assert orphan in raw.names()
-        lib.verify(fix_orphans=True, orphan_grace_s=0)
+        assert lib.verify(fix_orphans=True, orphan_grace_s=0).removed_orphans == [orphan]
     assert orphan not in raw.names() and lib.verify().orphan_blobs == [] and lib.get("a")
 
 
