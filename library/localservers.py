@@ -97,6 +97,21 @@ class PostgresServer:
             conn.execute(f'CREATE DATABASE "{dbname}"')
         return self.url(dbname)
 
+    def create_schema(self, dbname: str, schema: str) -> str:
+        """A fresh schema in database ``dbname`` (created if missing); returns a URL whose
+        connections use it (``options=-csearch_path=...``): many libraries in one database."""
+        import psycopg
+
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname=%s", (dbname,)).fetchone() is None:
+                try:
+                    conn.execute(f'CREATE DATABASE "{dbname}"')
+                except psycopg.errors.DuplicateDatabase:
+                    pass
+        with psycopg.connect(self.url(dbname), autocommit=True) as conn:
+            conn.execute(f'CREATE SCHEMA "{schema}"')
+        return self.url(dbname) + f"?options=-csearch_path%3D{schema}"
+
     def stop(self) -> None:
         _run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "-w", "stop"],
              self.run_as, check=False)

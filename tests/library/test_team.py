@@ -70,13 +70,10 @@ READER = textwrap.dedent("""
 """)
 
 
-def location(lib):
-    return lib._test_target.url if not lib._blobs.is_local else str(lib.path)
-
-
-def spawn(code, lib, tmp_path, machine, *args):
-    env = dict(os.environ, QUIVER_CACHE=str(tmp_path / f"cache-{machine}"))
-    return subprocess.Popen([sys.executable, "-c", code, location(lib), *map(str, args)],
+def spawn(code, team, machine, *args):
+    """A process on its own "machine": its own cache folder."""
+    env = dict(os.environ, QUIVER_CACHE=str(team.cache(machine)))
+    return subprocess.Popen([sys.executable, "-c", code, team.url, *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -96,10 +93,11 @@ def replay(lines):
     return state
 
 
-def test_machines_add_replace_rename_remove_at_once(lib, tmp_path):
+def test_machines_add_replace_rename_remove_at_once(team, tiny_spec, tmp_path):
+    team.open(base_model=tiny_spec).close()
     stop = tmp_path / "stop"
-    reader = spawn(READER, lib, tmp_path, "reader", stop)
-    writers = [spawn(MACHINE, lib, tmp_path, f"m{k}", f"m{k}", 6) for k in range(3)]
+    reader = spawn(READER, team, "reader", stop)
+    writers = [spawn(MACHINE, team, f"m{k}", f"m{k}", 6) for k in range(3)]
     lines = []
     for p in writers:
         out, err = p.communicate(timeout=300)
@@ -113,7 +111,7 @@ def test_machines_add_replace_rename_remove_at_once(lib, tmp_path):
     assert sum(ln == "added shared" for ln in lines) == 1 and len(dups) == 2
     assert all(ln == "dup an adapter named 'shared' already exists" for ln in dups)
     expected = replay(ln for ln in lines if not ln.startswith("dup"))
-    with Library.open(lib.path) if lib._blobs.is_local else lib._test_target.open("checker") as fresh:
+    with team.open("checker") as fresh:
         assert {r.name: r.version for r in fresh.list()} == expected
         assert any(v == 2 for v in expected.values()) and any(n.endswith("-r") for n in expected)
         report = fresh.verify()
