@@ -26,7 +26,9 @@ app.add_typer(library_app, name="library")
 console = Console()
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
-LibraryOpt = Annotated[Optional[Path], typer.Option("--library", "-L", help="Library directory.")]
+LibraryOpt = Annotated[Optional[str], typer.Option(
+    "--library", "-L", help="Library directory, or a postgresql://user@host:port/db URL "
+    "(with library.blobs=s3://bucket/prefix).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 KOpt = Annotated[Optional[int], typer.Option("-k", min=1, help="How many adapters to return (default: library.search.k, 3).")]
 err_console = Console(stderr=True)
@@ -39,21 +41,30 @@ def _cfg(ctx: typer.Context):
     return compose_checked(ctx.args)
 
 
-def _open(cfg, path: Path | None, base_model=None):
+def _open(cfg, path: str | None, base_model=None):
     from hydra.utils import instantiate
 
     from .library import Library
 
-    return Library.open(path or Path(cfg.library.path), base_model=base_model,
+    return Library.open(path or str(cfg.library.path), base_model=base_model,
+                        blobs=cfg.library.get("blobs"),
                         embed_config=instantiate(cfg.library.embed),
                         index_config=instantiate(cfg.library.index))
 
 
-def _existing(cfg, path: Path | None):
+def _existing(cfg, path: str | None):
     """Open a library that must already exist (reading commands never create one)."""
-    p = path or Path(cfg.library.path)
-    if not (p / "catalog.sqlite").is_file():
-        raise FileNotFoundError(f"no library at {p} (create one with `quiver library init --library {p}`)")
+    from .library.catalog import is_postgres_url, open_catalog
+
+    p = path or str(cfg.library.path)
+    if is_postgres_url(p):
+        catalog = open_catalog(p)
+        exists, shown = catalog.has_schema(), catalog.location
+        catalog.close()
+    else:
+        exists, shown = (Path(p) / "catalog.sqlite").is_file(), p
+    if not exists:
+        raise FileNotFoundError(f"no library at {shown} (create one with `quiver library init --library {shown}`)")
     return _open(cfg, p)
 
 
@@ -202,7 +213,9 @@ def library_verify(ctx: typer.Context, fix: Annotated[bool, typer.Option(
         removed = " removed" if fix and not report.refused else ""
         console.print(f"checked {report.checked} adapter(s): "
                       f"{'ok' if report.ok else f'{len(report.damaged)} damaged'}; "
-                      f"{len(report.orphan_blobs)} unreferenced blob(s){removed}")
+                      f"{len(report.orphan_blobs)} unreferenced blob(s)"
+                      + (f", {len(report.removed_orphans)} removed (younger ones are kept: an add may be "
+                         "in flight)" if removed else ""))
         for name, problem in report.damaged:
             console.print(f"  [red]{name}[/red]: {problem}")
         if report.refused:

@@ -2,12 +2,15 @@
 
 from .adapter import BaseModelRef, LoraAdapter, LoraModule, check_name
 from .base_model import DEFAULT_MODEL, BaseModelSpec, base_model_dir, fingerprint, load_base_model
+from .blobs import BlobStoreError
 from .errors import (
     AdapterFormatError,
     AdapterNotFoundError,
+    CatalogError,
     CorruptBlobError,
     DuplicateNameError,
     QuiverError,
+    ReadOnlyLibraryError,
     UnsupportedAdapterError,
     ValidationError,
 )
@@ -17,8 +20,8 @@ from .store import AdapterRecord, EmbeddingConfig, Library, VerifyReport
 
 __all__ = [
     "AdapterFormatError", "AdapterNotFoundError", "AdapterRecord", "BaseModelRef", "BaseModelSpec",
-    "CorruptBlobError", "DEFAULT_MODEL", "DuplicateNameError", "EmbeddingConfig", "IndexConfig",
-    "Library", "LoraAdapter", "LoraModule", "QuiverError", "UnsupportedAdapterError",
+    "BlobStoreError", "CatalogError", "CorruptBlobError", "DEFAULT_MODEL", "DuplicateNameError", "EmbeddingConfig", "IndexConfig",
+    "Library", "LoraAdapter", "LoraModule", "QuiverError", "ReadOnlyLibraryError", "UnsupportedAdapterError",
     "ValidationError", "VectorIndex", "VerifyReport", "base_model_dir", "check_name", "fingerprint",
     "load_base_model", "read_peft_dir", "write_peft_dir",
 ]

@@ -86,7 +86,7 @@ class DerivedMixin:
         cached = self._loaded_text_index
         if cached is not None and cached.stamp == stamp:
             return cached  # the catalog has not changed since it was read: no disk read per query
-        path = self.path / "index" / "text.faiss"
+        path = self._index_dir / "text.faiss"
         index = VectorIndex.load(path)
         if index is None or index.stamp != stamp:
             names, vectors = self.text_embeddings()

@@ -30,7 +30,8 @@ class CorruptBlobError(QuiverError):
 
 
 class CatalogError(QuiverError):
-    """A library's catalog.sqlite is empty, truncated or damaged (the message says how to recover)."""
+    """A library's catalog is empty, truncated, damaged, unreachable or of an unknown schema
+    (the message says how to recover)."""
 
 
 class ReadOnlyLibraryError(QuiverError):

@@ -1,19 +1,32 @@
-"""The persisted adapter library: a SQLite catalog (WAL) beside content-addressed blobs.
+"""The persisted adapter library: one catalog logic over a catalog backend and a blob store.
 
-Layout of a library directory::
+Two deployments, one class (:class:`Library`):
 
-    catalog.sqlite      adapters (name -> blob hash + metadata), derived data, meta
+- **local** (``Library.open("dir")``): ``dir/catalog.sqlite`` (WAL) beside ``dir/blobs/``;
+- **team** (``Library.open("postgresql://user@host:port/db", blobs="s3://bucket/prefix")``): the
+  catalog in PostgreSQL, the blobs in S3-compatible object storage, a verified read-through cache
+  and the search index on each machine (under ``$QUIVER_CACHE``).
+
+The catalog's database is :mod:`quiver.library.catalog` (SQLite or PostgreSQL: the same SQL),
+the bytes' store is :mod:`quiver.library.blobs` (a directory or S3), derived data (embeddings,
+search) is :mod:`quiver.library.derived`. Everything below is written once for both.
+
+Layout of a local library directory::
+
+    catalog.sqlite      adapters (name -> blob hash + metadata), artifacts, derived data, meta
     blobs/ab/abcd...    canonical adapter bytes (see adapter.py), named by their sha256
     index/text.faiss    persisted search index over text embeddings
     tmp/                blobs being written
     library.lock        cross-process write lock
 
-Durability and atomicity: a blob is written to ``tmp/``, fsynced, renamed into ``blobs/`` and
-its directory fsynced *before* the row that references it is committed, so a process killed at
-any point leaves either the whole adapter or none (at worst an unreferenced blob, which
-``gc``/``verify`` reports and removes). Placing a blob + committing its row, and deleting a row +
-unlinking its blob, happen under one file lock, so a concurrent ``remove`` can never delete a
-blob that a concurrent ``add`` is about to reference. Readers take no lock (WAL).
+Durability and atomicity: a blob is put durably (local: temp file, fsync, rename, fsync of the
+directory; S3: a PUT, atomic by the protocol) *before* the one transaction that commits the row
+referencing it, so a process killed at any point leaves either the whole adapter or none (at
+worst an unreferenced blob, which ``verify`` reports and ``verify(fix_orphans=True)`` removes).
+Putting a blob + committing its row, and deciding a blob is unused + deleting it, happen under
+the catalog's blob lock (local: one file lock; PostgreSQL: an advisory lock per digest), so a
+concurrent ``remove`` can never delete a blob that a concurrent ``add`` is about to reference.
+Readers take no lock. Every blob is checked against its hash when read.
 
 Derived data (Arrow prototypes, svd and text embeddings) is cached in the catalog keyed by
 (blob hash, kind, config hash) and recomputed when either changes.
@@ -21,24 +34,24 @@ Derived data (Arrow prototypes, svd and text embeddings) is cached in the catalo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sqlite3
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
 from .adapter import BaseModelRef, LoraAdapter, check_name
-from .base_model import BaseModelSpec
+from .base_model import BaseModelSpec, default_cache_dir
+from .blobs import BlobMissingError, BlobStoreError, open_blob_store, sha256
+from .catalog import Catalog, is_postgres_url, open_catalog
 from .derived import DerivedMixin
 from .errors import (
     AdapterNotFoundError,
@@ -52,48 +65,14 @@ from .index import IndexConfig, VectorIndex
 from .peft_io import read_peft_dir, write_peft_dir
 from .validate import validate_adapter
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS adapters (
-    name TEXT PRIMARY KEY,
-    blob TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    base_id TEXT NOT NULL,
-    base_fingerprint TEXT NOT NULL,
-    rank INTEGER NOT NULL,
-    alpha REAL NOT NULL,
-    target_modules TEXT NOT NULL,
-    n_modules INTEGER NOT NULL,
-    n_params INTEGER NOT NULL,
-    description TEXT NOT NULL DEFAULT '',
-    examples TEXT NOT NULL DEFAULT '[]',
-    tags TEXT NOT NULL DEFAULT '[]',
-    version INTEGER NOT NULL DEFAULT 1,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS adapters_blob ON adapters(blob);
-CREATE TABLE IF NOT EXISTS artifacts (
-    kind TEXT NOT NULL,
-    name TEXT NOT NULL,
-    blob TEXT NOT NULL,
-    config TEXT NOT NULL,
-    adapters TEXT NOT NULL DEFAULT '[]',
-    version INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (kind, name)
-);
-CREATE INDEX IF NOT EXISTS artifacts_blob ON artifacts(blob);
-CREATE TABLE IF NOT EXISTS derived (
-    blob TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    config TEXT NOT NULL,
-    data BLOB NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (blob, kind, config)
-);
-"""
-_SCHEMA_VERSION = 1
+# Columns of ``adapters`` in table order (one list for INSERT and UPDATE).
+_ADAPTER_COLUMNS = ("name", "blob", "size", "base_id", "base_fingerprint", "rank", "alpha", "target_modules",
+                    "n_modules", "n_params", "description", "examples", "tags", "version", "created_at",
+                    "updated_at")
+
+# An unreferenced blob in a shared store is deleted by verify(fix_orphans=True) only when it is
+# older than this: an add on another machine may have put it and not yet committed its row.
+TEAM_ORPHAN_GRACE_S = 3600.0
 _CATALOG = "catalog.sqlite"
 
 
@@ -127,6 +106,7 @@ class VerifyReport:
     checked: int
     damaged: list[tuple[str, str]]  # (adapter name, problem)
     orphan_blobs: list[str]
+    removed_orphans: list[str] = field(default_factory=list)  # by fix_orphans (past the grace period)
     refused: str | None = None  # why ``fix_orphans`` deleted nothing, when it refused
 
     @property
@@ -135,7 +115,7 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "checked": self.checked, "damaged": self.damaged,
-                "orphan_blobs": self.orphan_blobs, "refused": self.refused}
+                "orphan_blobs": self.orphan_blobs, "removed_orphans": self.removed_orphans, "refused": self.refused}
 
 
 @dataclass
@@ -148,74 +128,105 @@ class EmbeddingConfig:
 
 
 class Library(DerivedMixin):
-    """A directory of LoRA adapters for one base model. Open with :meth:`open`."""
+    """LoRA adapters for one base model: a catalog + a blob store. Open with :meth:`open`."""
 
-    def __init__(self, path: Path, conn: sqlite3.Connection, embed_config: EmbeddingConfig,
-                 index_config: IndexConfig, read_only: bool = False):
-        self.path = path
-        self._conn = conn
-        self.read_only = read_only
-        self._lock = _ReadOnlyLock(path) if read_only else FileLock(str(path / "library.lock"))
+    def __init__(self, path: Path | str, catalog: Catalog, blobs, embed_config: EmbeddingConfig,
+                 index_config: IndexConfig, index_dir: Path):
+        self.path = path  # the directory (local) or the catalog URL without its password (team)
+        self._catalog = catalog
+        self._blobs = blobs
+        self.read_only = getattr(catalog, "read_only", False)
+        self._lock = catalog.lock()
         self.embed_config = embed_config
         self.index_config = index_config
+        self._index_dir = index_dir  # the search index is always machine-local
         self._loaded_text_index: VectorIndex | None = None  # reused while its stamp matches
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike, base_model: nn.Module | BaseModelSpec | None = None,
-             *, embed_config: EmbeddingConfig | None = None,
+             *, blobs: str | None = None, cache_dir: str | os.PathLike | None = None,
+             embed_config: EmbeddingConfig | None = None,
              index_config: IndexConfig | None = None, create: bool = False) -> Library:
         """Open the library at ``path``.
+
+        ``path`` is a directory (SQLite catalog + ``blobs/`` inside it) or a
+        ``postgresql://user[:password]@host:port/db`` URL (password also from ``PGPASSWORD`` or
+        ``~/.pgpass``). ``blobs="s3://bucket/prefix"`` puts the blobs in S3-compatible storage
+        (required for a PostgreSQL catalog; remembered in the catalog, so later opens may omit
+        it). ``cache_dir`` (default ``$QUIVER_CACHE``) holds this machine's blob cache and
+        search index of a library whose blobs are in S3.
 
         A missing library is created only when ``base_model`` is given (or ``create=True``, which
         makes one not yet bound to a model); otherwise a typo in ``path`` is an error, not a new
         empty library. ``base_model`` (a loaded model or its :class:`BaseModelSpec`) binds an
         empty library to that model; for a bound library it must have the same fingerprint.
 
-        A library in a location this process cannot write is opened read-only: reading works,
-        every write raises :class:`ReadOnlyLibraryError`. A catalog that is empty (0 bytes) while
-        blobs exist, or that SQLite cannot read, raises :class:`CatalogError` saying how to
+        A local library in a location this process cannot write is opened read-only: reading
+        works, every write raises :class:`ReadOnlyLibraryError`. A catalog that is empty (0 bytes)
+        while blobs exist, or that SQLite cannot read, raises :class:`CatalogError` saying how to
         recover; the blobs are never touched.
         """
-        path = Path(path)
-        catalog = path / _CATALOG
-        if path.exists() and not path.is_dir():
-            raise NotADirectoryError(f"{path} exists and is not a library directory")
-        exists = catalog.is_file()
-        if exists:
-            _check_catalog_size(path)
-        elif base_model is None and not create:
-            raise FileNotFoundError(f"no library at {path} (create one with Library.open(path, base_model=model) "
-                                    f"or `quiver library init -L {path}`)")
-        read_only = exists and not _writable(path)
+        team = is_postgres_url(path)
+        read_only = False
+        if not team:
+            path = Path(path)
+            if path.exists() and not path.is_dir():
+                raise NotADirectoryError(f"{path} exists and is not a library directory")
+            exists = (path / _CATALOG).is_file()
+            if exists:
+                _check_catalog_size(path)
+            elif base_model is None and not create:
+                raise FileNotFoundError(f"no library at {path} (create one with Library.open(path, base_model=model) "
+                                        f"or `quiver library init -L {path}`)")
+            read_only = exists and not _writable(path)
+            if not read_only:
+                path.mkdir(parents=True, exist_ok=True)
         try:
-            if read_only:
-                conn = _connect_read_only(catalog)
-            else:
-                for sub in ("blobs", "tmp", "index"):
-                    (path / sub).mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(catalog, timeout=60, isolation_level=None, check_same_thread=False)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute("PRAGMA busy_timeout=60000")
-            conn.row_factory = sqlite3.Row
-            lib = cls(path, conn, embed_config or EmbeddingConfig(), index_config or IndexConfig(), read_only)
-            if read_only:
-                lib._meta("schema_version")
-            else:
-                with lib._lock, lib._write():
-                    for stmt in filter(str.strip, _SCHEMA.split(";")):
-                        conn.execute(stmt)
-                    conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(_SCHEMA_VERSION),))
-                    conn.execute("INSERT OR IGNORE INTO meta VALUES ('generation', '0')")
+            catalog = open_catalog(path, read_only=read_only)
         except sqlite3.DatabaseError as e:
             raise CatalogError(damaged_catalog_message(path, e)) from None
+        try:
+            try:
+                catalog.ensure_schema()
+            except sqlite3.DatabaseError as e:
+                raise CatalogError(damaged_catalog_message(path, e)) from None
+            location = cls._blob_location(catalog, blobs)
+            cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+            store = open_blob_store(location, None if team else path, cache)
+            library_id = catalog.meta("library_id")
+            index_dir = path / "index" if store.is_local else cache / "index" / library_id
+            if not read_only:
+                index_dir.mkdir(parents=True, exist_ok=True)
+        except BaseException:
+            catalog.close()
+            raise
+        lib = cls(path if not team else catalog.location, catalog, store,
+                  embed_config or EmbeddingConfig(), index_config or IndexConfig(), index_dir)
         if base_model is not None:
             lib.set_base_model(base_model)
         return lib
 
+    @staticmethod
+    def _blob_location(catalog: Catalog, blobs: str | None) -> str | None:
+        """The blob store this catalog uses: recorded on first open, checked on later ones."""
+        if blobs is not None and not str(blobs).startswith("s3://"):
+            raise ValueError(f"blobs must be an s3://bucket/prefix URL, got {blobs!r}")
+        if blobs is not None:
+            blobs = str(blobs).rstrip("/")
+            with catalog.transaction():
+                catalog.execute("INSERT INTO meta (key, value) VALUES ('blobs', ?) ON CONFLICT (key) DO NOTHING",
+                                (blobs,))
+        stored = catalog.meta("blobs")
+        if blobs is not None and stored != blobs:
+            raise ValidationError(f"the library at {catalog.location} keeps its blobs in {stored}, not {blobs}")
+        if stored is None and not catalog.is_local:
+            raise ValueError(f"the library at {catalog.location} has no blob store yet: "
+                             "open it with blobs='s3://bucket/prefix' (CLI: library.blobs=s3://...)")
+        return stored
+
     def close(self) -> None:
-        self._conn.close()
+        self._catalog.close()
 
     def __enter__(self) -> Library:
         return self
@@ -223,10 +234,19 @@ class Library(DerivedMixin):
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def __repr__(self) -> str:
+        return f"Library({str(self.path)!r}, blobs={self._blobs.location!r})"
+
+    @property
+    def location(self) -> str:
+        """Where the library lives, safe to print: its directory, or the catalog URL without
+        a password and the blob store URL."""
+        return str(self.path) if self._blobs.is_local else f"{self.path} + {self._blobs.location}"
+
     def _write(self):
-        """A write transaction (``BEGIN IMMEDIATE``) as a context manager."""
+        """A write transaction as a context manager."""
         self._check_writable()
-        return _Transaction(self._conn)
+        return self._catalog.transaction()
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -234,15 +254,15 @@ class Library(DerivedMixin):
                                        "reading works, changes need write access")
 
     def _meta(self, key: str) -> str | None:
-        row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return row[0] if row else None
+        return self._catalog.meta(key)
 
     def _bump_generation(self) -> None:
-        self._conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='generation'")
+        self._catalog.execute("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) "
+                              "WHERE key='generation'")
 
     @property
     def generation(self) -> int:
-        """Increases with every change to the set of adapters or their texts."""
+        """Increases with every change to the set of adapters or their texts (on any machine)."""
         return int(self._meta("generation") or 0)
 
     # -- the base model ------------------------------------------------------------------------
@@ -253,18 +273,17 @@ class Library(DerivedMixin):
 
     def set_base_model(self, base_model: nn.Module | BaseModelSpec) -> BaseModelSpec:
         spec = base_model if isinstance(base_model, BaseModelSpec) else BaseModelSpec.from_model(base_model)
-        with self._lock, self._write():
+        with self._write():
+            self._catalog.execute("INSERT INTO meta (key, value) VALUES ('base_model', ?) "
+                                  "ON CONFLICT (key) DO NOTHING", (spec.to_json(),))
             current = self._meta("base_model")
-            if current is None:
-                self._conn.execute("INSERT INTO meta VALUES ('base_model', ?)", (spec.to_json(),))
-                return spec
         old = BaseModelSpec.from_json(current)
         if old.fingerprint != spec.fingerprint:
             raise ValidationError(
                 f"library {self.path} belongs to base model {old.id!r} (fingerprint "
                 f"{old.fingerprint[:12]}), not {spec.id!r} (fingerprint {spec.fingerprint[:12]})"
             )
-        return old
+        return old if current != spec.to_json() else spec
 
     def _require_base(self) -> BaseModelSpec:
         spec = self.base
@@ -296,9 +315,11 @@ class Library(DerivedMixin):
         if not replace and self._row(name) is not None:
             raise DuplicateNameError(f"an adapter named {name!r} already exists")
         data = adapter.to_bytes()
+        cat = self._catalog
 
         def write_row(digest: str):
-            old = self._row(name)
+            old = cat.one("SELECT blob, version, created_at, description, examples, tags FROM adapters WHERE name=?"
+                          + cat.for_update, (name,))
             if old is not None and not replace:
                 raise DuplicateNameError(f"an adapter named {name!r} already exists")
             fresh = {"description": "", "examples": "[]", "tags": "[]"}
@@ -308,10 +329,18 @@ class Library(DerivedMixin):
                 name, digest, len(data), adapter.base_model.id, adapter.base_model.fingerprint,
                 adapter.rank, adapter.alpha, json.dumps(adapter.target_modules),
                 len(adapter.modules), adapter.num_parameters(), meta["description"],
-                meta["examples"], meta["tags"],
-                (old["version"] + 1) if old else 1, old["created_at"] if old else now, now,
+                meta["examples"], meta["tags"], 1, now, now,
             )
-            self._conn.execute("INSERT OR REPLACE INTO adapters VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", values)
+            cols = ", ".join(_ADAPTER_COLUMNS)
+            sql = f"INSERT INTO adapters ({cols}) VALUES ({', '.join('?' * len(values))})"
+            if replace:  # version and created_at carry over from the row being replaced
+                keep = ("version", "created_at", "name")
+                sql += " ON CONFLICT (name) DO UPDATE SET " + ", ".join(
+                    f"{c}=excluded.{c}" for c in _ADAPTER_COLUMNS if c not in keep) + ", version=adapters.version + 1"
+            try:
+                cat.execute(sql, values)
+            except cat.integrity_errors:  # another writer committed the name since the check
+                raise DuplicateNameError(f"an adapter named {name!r} already exists") from None
             self._bump_generation()
             return None, old["blob"] if old else None
 
@@ -325,50 +354,33 @@ class Library(DerivedMixin):
         adapter = read_peft_dir(peft_dir, name, BaseModelRef(spec.id, spec.fingerprint))
         return self.add(adapter, name, **kwargs)
 
-    def _write_tmp(self, data: bytes) -> Path:
-        tmp = self.path / "tmp" / f"{os.getpid()}-{time.time_ns()}.part"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return tmp
-
     def _commit_blob(self, data: bytes, write_row):
         """Store ``data`` as a blob and reference it: the one atomic write path.
 
-        ``write_row(digest)`` runs inside one transaction, under the library lock, after the
-        blob is durably in place; it returns ``(result, replaced_blob_or_None)``. A replaced
-        blob is deleted if nothing references it any more.
+        Under the blob's lock: the blob is put durably, then ``write_row(digest)`` runs in one
+        transaction; it returns ``(result, replaced_blob_or_None)``. If it raises, the blob is
+        deleted again unless something references it. A replaced blob is deleted afterwards if
+        nothing references it any more.
         """
-        self._check_writable()
-        digest = hashlib.sha256(data).hexdigest()
-        tmp = self._write_tmp(data)
-        try:
-            with self._lock:
-                self._place_blob(tmp, digest)
+        digest = sha256(data)
+        with self._catalog.blob_lock(digest):
+            self._blobs.put(digest, data)
+            try:
                 with self._write():
                     result, replaced = write_row(digest)
-                if replaced is not None and replaced != digest:
-                    self._drop_blob_if_unused(replaced)
-        finally:
-            tmp.unlink(missing_ok=True)
+            except BaseException:
+                try:  # a refused write (e.g. a name another writer took first) leaves no blob behind
+                    self._drop_blob_if_unused(digest)
+                except Exception:  # noqa: BLE001 -- then verify finds the orphan; the first error is the one to see
+                    pass
+                raise
+        if replaced is not None and replaced != digest:
+            self._drop_blob_if_unused(replaced)
         return result
 
-    def _blob_path(self, digest: str) -> Path:
-        return self.path / "blobs" / digest[:2] / digest
-
-    def _place_blob(self, tmp: Path, digest: str) -> None:
-        """Move a fsynced temp file to its content address (called under the lock)."""
-        final = self._blob_path(digest)
-        if final.is_file() and _sha256_file(final) == digest:
-            return  # the same content is already stored (dedup)
-        final.parent.mkdir(exist_ok=True)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-
     # -- reading --------------------------------------------------------------------------------
-    def _row(self, name: str) -> sqlite3.Row | None:
-        return self._conn.execute("SELECT * FROM adapters WHERE name=?", (name,)).fetchone()
+    def _row(self, name: str) -> dict | None:
+        return self._catalog.one("SELECT * FROM adapters WHERE name=?", (name,))
 
     def info(self, name: str) -> AdapterRecord:
         row = self._row(name)
@@ -377,17 +389,16 @@ class Library(DerivedMixin):
         return _record(row)
 
     def _not_found(self, name: str) -> str:
-        names = [r.name for r in self.list()]
+        names = self.names()
         hint = f"; the library has: {', '.join(names[:10])}" + (" ..." if len(names) > 10 else "") if names else "; the library is empty"
         return f"no adapter named {name!r} in {self.path}{hint}"
 
     def list(self, tag: str | None = None) -> list[AdapterRecord]:
-        rows = self._conn.execute("SELECT * FROM adapters ORDER BY name").fetchall()
-        records = [_record(r) for r in rows]
+        records = [_record(r) for r in self._catalog.all("SELECT * FROM adapters ORDER BY name")]
         return [r for r in records if tag is None or tag in r.tags]
 
     def names(self) -> list[str]:
-        return [r[0] for r in self._conn.execute("SELECT name FROM adapters ORDER BY name")]
+        return [r["name"] for r in self._catalog.all("SELECT name FROM adapters ORDER BY name")]
 
     def require(self, names) -> list[str]:
         """``names`` as a list if every one is in the library, else one error naming the missing."""
@@ -402,7 +413,7 @@ class Library(DerivedMixin):
         return self._row(name) is not None
 
     def __len__(self) -> int:
-        return self._conn.execute("SELECT COUNT(*) FROM adapters").fetchone()[0]
+        return self._catalog.one("SELECT COUNT(*) AS n FROM adapters")["n"]
 
     def get(self, name: str) -> LoraAdapter:
         """Load an adapter, verifying its bytes against the stored content hash."""
@@ -410,121 +421,134 @@ class Library(DerivedMixin):
         return LoraAdapter.from_bytes(self._read_blob(rec.blob, name), name)
 
     def _read_blob(self, digest: str, name: str) -> bytes:
-        path = self._blob_path(digest)
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise CorruptBlobError(f"adapter {name!r}: blob {digest[:12]} is missing") from None
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise CorruptBlobError(f"adapter {name!r}: blob {digest[:12]} is damaged (hash mismatch)")
+            data = self._blobs.get(digest)
+        except BlobMissingError:
+            raise CorruptBlobError(f"adapter {name!r}: blob {digest[:12]} is missing "
+                                   f"from {self._blobs.location}") from None
+        except BlobStoreError as e:
+            raise CorruptBlobError(f"adapter {name!r}: {e}") from None
+        if sha256(data) != digest:
+            raise CorruptBlobError(f"adapter {name!r}: blob {digest[:12]} is damaged (hash mismatch) "
+                                   f"in {self._blobs.location}")
         return data
 
     def export_peft(self, name: str, out_dir: str | os.PathLike, overwrite: bool = False, *,
                     hint: str = "overwrite=True") -> Path:
         """Write adapter ``name`` as a PEFT LoRA directory (never into or over this library:
         the output-path rule of :mod:`quiver.library.paths`)."""
-        return write_peft_dir(self.get(name), out_dir, overwrite=overwrite, protect=(self.path,), hint=hint)
+        protect = (self.path,) if isinstance(self.path, Path) else ()
+        return write_peft_dir(self.get(name), out_dir, overwrite=overwrite, protect=protect, hint=hint)
 
     # -- changing -------------------------------------------------------------------------------
     def remove(self, name: str) -> None:
         """Delete an adapter; its blob goes when no other adapter references it."""
-        with self._lock:
-            with self._write():
-                row = self._row(name)
-                if row is None:
-                    raise AdapterNotFoundError(self._not_found(name))
-                self._conn.execute("DELETE FROM adapters WHERE name=?", (name,))
-                self._bump_generation()
-            self._drop_blob_if_unused(row["blob"])
-
-    def _drop_blob_if_unused(self, digest: str) -> None:
-        """Delete a blob and its derived data if no row references it (called under the lock)."""
+        cat = self._catalog
         with self._write():
-            used = self._conn.execute("SELECT 1 FROM adapters WHERE blob=? UNION ALL "
-                                      "SELECT 1 FROM artifacts WHERE blob=? LIMIT 1", (digest, digest)).fetchone()
-            if used:
-                return
-            self._conn.execute("DELETE FROM derived WHERE blob=?", (digest,))
-        self._blob_path(digest).unlink(missing_ok=True)
+            row = cat.one("SELECT blob FROM adapters WHERE name=?" + cat.for_update, (name,))
+            if row is None:
+                raise AdapterNotFoundError(self._not_found(name))
+            cat.execute("DELETE FROM adapters WHERE name=?", (name,))
+            self._bump_generation()
+        self._drop_blob_if_unused(row["blob"])
+
+    def _drop_blob_if_unused(self, digest: str) -> bool:
+        """Delete a blob and its derived data if no row references it; True if deleted."""
+        with self._catalog.blob_lock(digest):
+            with self._write():
+                used = self._catalog.one("SELECT 1 AS x FROM adapters WHERE blob=? UNION ALL "
+                                         "SELECT 1 AS x FROM artifacts WHERE blob=? LIMIT 1", (digest, digest))
+                if used:
+                    return False
+                self._catalog.execute("DELETE FROM derived WHERE blob=?", (digest,))
+            self._blobs.delete(digest)
+        return True
 
     def rename(self, old: str, new: str) -> None:
         check_name(new)
+        cat = self._catalog
         with self._write():
-            if self._row(old) is None:
+            if cat.one("SELECT name FROM adapters WHERE name=?" + cat.for_update, (old,)) is None:
                 raise AdapterNotFoundError(self._not_found(old))
             try:
-                self._conn.execute("UPDATE adapters SET name=?, updated_at=? WHERE name=?",
-                                   (new, time.time(), old))
-            except sqlite3.IntegrityError:
+                cat.execute("UPDATE adapters SET name=?, updated_at=? WHERE name=?", (new, time.time(), old))
+            except cat.integrity_errors:
                 raise DuplicateNameError(f"an adapter named {new!r} already exists") from None
             self._bump_generation()
 
     def tag(self, name: str, *tags: str, remove: bool = False) -> list[str]:
         """Add (or with ``remove=True`` drop) tags; returns the adapter's tags."""
         tags_in = _str_list(tags, "tags")
+        cat = self._catalog
         with self._write():
-            row = self._row(name)
+            row = cat.one("SELECT tags FROM adapters WHERE name=?" + cat.for_update, (name,))
             if row is None:
                 raise AdapterNotFoundError(self._not_found(name))
             current = json.loads(row["tags"])
             new = [t for t in current if t not in tags_in] if remove else current + [t for t in tags_in if t not in current]
-            self._conn.execute("UPDATE adapters SET tags=?, updated_at=? WHERE name=?",
-                               (json.dumps(new), time.time(), name))
+            cat.execute("UPDATE adapters SET tags=?, updated_at=? WHERE name=?", (json.dumps(new), time.time(), name))
         return new
 
     def describe(self, name: str, description: str | None = None,
                  examples: Sequence[str] | None = None) -> AdapterRecord:
         """Change an adapter's description and/or example prompts."""
+        cat = self._catalog
         with self._write():
-            row = self._row(name)
+            row = cat.one("SELECT description, examples FROM adapters WHERE name=?" + cat.for_update, (name,))
             if row is None:
                 raise AdapterNotFoundError(self._not_found(name))
             desc = row["description"] if description is None else description
             ex = row["examples"] if examples is None else json.dumps(_str_list(examples, "examples"))
-            self._conn.execute("UPDATE adapters SET description=?, examples=?, updated_at=? WHERE name=?",
-                               (desc, ex, time.time(), name))
+            cat.execute("UPDATE adapters SET description=?, examples=?, updated_at=? WHERE name=?",
+                        (desc, ex, time.time(), name))
             self._bump_generation()
         return self.info(name)
 
     # -- integrity --------------------------------------------------------------------------------
-    def verify(self, *, fix_orphans: bool = False) -> VerifyReport:
+    def verify(self, *, fix_orphans: bool = False, orphan_grace_s: float | None = None) -> VerifyReport:
         """Re-hash every referenced blob; list damaged adapters and unreferenced blobs.
 
-        ``fix_orphans`` deletes unreferenced blobs and the ``tmp/*.part`` files of writers that
-        are gone (their process has exited, or they are over an hour old) -- but never blobs
-        while the catalog looks damaged (SQLite's ``quick_check`` fails) or references nothing
-        at all while blobs exist: then ``refused`` says why and every blob stays.
+        With ``fix_orphans=True`` unreferenced blobs are deleted, but only those older than
+        ``orphan_grace_s`` (default: 0 for a local library, whose file lock excludes an add in
+        flight; :data:`TEAM_ORPHAN_GRACE_S` for a shared store, where another machine may have
+        put a blob and not yet committed its row). Each deletion re-checks, under the blob's
+        lock, that nothing references the blob. It also deletes the temp files of writers that
+        are gone (their process has exited, or they are over an hour old). It never deletes blobs
+        while the catalog looks damaged (SQLite's ``quick_check`` fails: :class:`CatalogError`) or
+        references nothing at all while blobs exist: then ``refused`` says why and every blob stays.
         """
+        if isinstance(self._catalog.connection if hasattr(self._catalog, "connection") else None, sqlite3.Connection):
+            try:
+                problems = [r["quick_check"] for r in self._catalog.all("PRAGMA quick_check")]
+            except sqlite3.DatabaseError as e:
+                problems = [str(e)]
+            if problems != ["ok"]:
+                raise CatalogError(damaged_catalog_message(self.path, "; ".join(problems[:3])))
         damaged: list[tuple[str, str]] = []
-        try:
-            problems = [r[0] for r in self._conn.execute("PRAGMA quick_check").fetchall()]
-        except sqlite3.DatabaseError as e:
-            problems = [str(e)]
-        if problems != ["ok"]:
-            raise CatalogError(damaged_catalog_message(self.path, "; ".join(problems[:3])))
         records = self.list()
         for rec in records:
             try:
                 LoraAdapter.from_bytes(self._read_blob(rec.blob, rec.name), rec.name)
             except Exception as e:  # noqa: BLE001 -- every failure is reported, none raised
                 damaged.append((rec.name, str(e)))
-        with self._lock:
-            referenced = {rec.blob for rec in self.list()} | {
-                r[0] for r in self._conn.execute("SELECT blob FROM artifacts")}
-            orphans = sorted(p.name for p in (self.path / "blobs").glob("*/*") if p.name not in referenced)
-            refused = None
-            if fix_orphans and orphans and not referenced:
-                refused = (f"not deleting {len(orphans)} unreferenced blob(s): the catalog references no blob at "
-                           "all, which looks like a lost or replaced catalog.sqlite; restore the catalog from a "
-                           "backup, or remove the blobs by hand if the library really is empty")
-            elif fix_orphans:
-                for digest in orphans:
-                    self._drop_blob_if_unused(digest)
-            if fix_orphans:
-                for part in (self.path / "tmp").glob("*.part"):
-                    if _abandoned(part):
-                        part.unlink(missing_ok=True)
-        return VerifyReport(checked=len(records), damaged=damaged, orphan_blobs=orphans, refused=refused)
+        grace = orphan_grace_s if orphan_grace_s is not None else (
+            0.0 if self._blobs.is_local else TEAM_ORPHAN_GRACE_S)
+        stored = self._blobs.list()  # listed before the references are read: a blob added since is referenced
+        referenced = {r["blob"] for r in self._catalog.all("SELECT blob FROM adapters UNION SELECT blob FROM artifacts")}
+        orphans = sorted(b.digest for b in stored if b.digest not in referenced)
+        removed, refused = [], None
+        if fix_orphans and orphans and not referenced:
+            refused = (f"not deleting {len(orphans)} unreferenced blob(s): the catalog references no blob at "
+                       "all, which looks like a lost or replaced catalog; restore the catalog from a "
+                       "backup, or remove the blobs by hand if the library really is empty")
+        elif fix_orphans:
+            self._check_writable()
+            ages = {b.digest: b.age_s for b in stored}
+            removed = [d for d in orphans if ages[d] >= grace and self._drop_blob_if_unused(d)]
+        if fix_orphans:
+            self._blobs.clean_tmp(older_than_s=3600)  # temp files of adds whose writer is gone
+        return VerifyReport(checked=len(records), damaged=damaged, orphan_blobs=orphans, removed_orphans=removed,
+                            refused=refused)
 
     # -- artifacts (trained routers, shard pools, ...) ------------------------------------------------
     def put_artifact(self, kind: str, name: str, tensors: dict[str, torch.Tensor], config: dict,
@@ -538,23 +562,26 @@ class Library(DerivedMixin):
         check_name(kind), check_name(name)
         data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                        metadata={"quiver-artifact": json.dumps({"kind": kind, "config": config}, sort_keys=True)})
+        cat = self._catalog
 
         def write_row(digest: str):
-            old = self._conn.execute("SELECT blob, version FROM artifacts WHERE kind=? AND name=?",
-                                     (kind, name)).fetchone()
-            version = old["version"] + 1 if old else 1
-            self._conn.execute("INSERT OR REPLACE INTO artifacts VALUES (?,?,?,?,?,?,?)",
-                               (kind, name, digest, json.dumps(config, sort_keys=True),
-                                json.dumps(list(adapters)), version, time.time()))
+            old = cat.one("SELECT blob, version FROM artifacts WHERE kind=? AND name=?" + cat.for_update, (kind, name))
+            cat.execute("INSERT INTO artifacts (kind, name, blob, config, adapters, version, created_at) "
+                        "VALUES (?,?,?,?,?,1,?) ON CONFLICT (kind, name) DO UPDATE SET blob=excluded.blob, "
+                        "config=excluded.config, adapters=excluded.adapters, created_at=excluded.created_at, "
+                        "version=artifacts.version + 1",
+                        (kind, name, digest, json.dumps(config, sort_keys=True), json.dumps(list(adapters)),
+                         time.time()))
+            version = cat.one("SELECT version FROM artifacts WHERE kind=? AND name=?", (kind, name))["version"]
             return version, old["blob"] if old else None
 
         return self._commit_blob(data, write_row)
 
     def get_artifact(self, kind: str, name: str) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
         """``(tensors, config, adapters)`` of artifact ``(kind, name)``, verified by hash."""
-        row = self._conn.execute("SELECT * FROM artifacts WHERE kind=? AND name=?", (kind, name)).fetchone()
+        row = self._catalog.one("SELECT * FROM artifacts WHERE kind=? AND name=?", (kind, name))
         if row is None:
-            have = [r[0] for r in self._conn.execute("SELECT name FROM artifacts WHERE kind=?", (kind,))]
+            have = [r["name"] for r in self._catalog.all("SELECT name FROM artifacts WHERE kind=?", (kind,))]
             raise AdapterNotFoundError(f"no {kind} artifact named {name!r} in {self.path} (have: {have})")
         tensors = st_load(self._read_blob(row["blob"], f"{kind}/{name}"))
         return tensors, json.loads(row["config"]), json.loads(row["adapters"])
@@ -568,32 +595,33 @@ class Library(DerivedMixin):
         return _artifact_handler("router").save(self, name, router)
 
     def artifacts(self, kind: str | None = None) -> list[dict]:
-        rows = self._conn.execute("SELECT kind, name, version, adapters, created_at FROM artifacts "
-                                  "WHERE ? IS NULL OR kind=? ORDER BY kind, name", (kind, kind)).fetchall()
+        sql = "SELECT kind, name, version, adapters, created_at FROM artifacts"
+        rows = (self._catalog.all(sql + " ORDER BY kind, name") if kind is None
+                else self._catalog.all(sql + " WHERE kind=? ORDER BY kind, name", (kind,)))
         return [dict(r) | {"adapters": json.loads(r["adapters"])} for r in rows]
 
     def remove_artifact(self, kind: str, name: str) -> None:
-        with self._lock:
-            with self._write():
-                row = self._conn.execute("SELECT blob FROM artifacts WHERE kind=? AND name=?", (kind, name)).fetchone()
-                if row is None:
-                    raise AdapterNotFoundError(f"no {kind} artifact named {name!r} in {self.path}")
-                self._conn.execute("DELETE FROM artifacts WHERE kind=? AND name=?", (kind, name))
-            self._drop_blob_if_unused(row["blob"])
+        cat = self._catalog
+        with self._write():
+            row = cat.one("SELECT blob FROM artifacts WHERE kind=? AND name=?" + cat.for_update, (kind, name))
+            if row is None:
+                raise AdapterNotFoundError(f"no {kind} artifact named {name!r} in {self.path}")
+            cat.execute("DELETE FROM artifacts WHERE kind=? AND name=?", (kind, name))
+        self._drop_blob_if_unused(row["blob"])
 
     # -- derived data --------------------------------------------------------------------------------
     def _derived(self, blob: str, kind: str, config: str) -> bytes | None:
-        row = self._conn.execute("SELECT data FROM derived WHERE blob=? AND kind=? AND config=?",
-                                 (blob, kind, config)).fetchone()
-        return row[0] if row else None
+        row = self._catalog.one("SELECT data FROM derived WHERE blob=? AND kind=? AND config=?", (blob, kind, config))
+        return bytes(row["data"]) if row else None
 
     def _put_derived(self, items: Iterable[tuple[str, str, str, bytes]]) -> None:
         if self.read_only:
             return  # computed for this process only; a read-only library caches nothing
         now = time.time()
         with self._write():
-            self._conn.executemany("INSERT OR REPLACE INTO derived VALUES (?,?,?,?,?)",
-                                   [(*item, now) for item in items])
+            self._catalog.many("INSERT INTO derived (blob, kind, config, data, created_at) VALUES (?,?,?,?,?) "
+                               "ON CONFLICT (blob, kind, config) DO UPDATE SET data=excluded.data, "
+                               "created_at=excluded.created_at", [(*item, now) for item in items])
 
 
 # Upper layers register how their artefact kinds become objects (routing registers "router"),
@@ -609,9 +637,25 @@ def _artifact_handler(kind: str):
     return ARTIFACT_HANDLERS[kind]
 
 
-def damaged_catalog_message(path: Path, problem) -> str:
-    return (f"the catalog {path / _CATALOG} is damaged ({problem}); the adapters' bytes in {path / 'blobs'} "
-            "are untouched: restore catalog.sqlite from a backup, or move it aside, run "
+def _record(row: dict) -> AdapterRecord:
+    d = dict(row)
+    for key in ("target_modules", "examples", "tags"):
+        d[key] = json.loads(d[key])
+    return AdapterRecord(**d)
+
+
+def _str_list(values: Sequence[str] | str, what: str) -> list[str]:
+    if isinstance(values, str):
+        values = [values]
+    values = list(values)
+    if not all(isinstance(v, str) for v in values):
+        raise ValidationError(f"{what} must be strings")
+    return values
+
+
+def damaged_catalog_message(path, problem) -> str:
+    return (f"the catalog {Path(path) / _CATALOG} is damaged ({problem}); the adapters' bytes in "
+            f"{Path(path) / 'blobs'} are untouched: restore catalog.sqlite from a backup, or move it aside, run "
             f"`quiver library init -L {path}` and add the adapters again")
 
 
@@ -634,90 +678,3 @@ def _writable(path: Path) -> bool:
             return True
     except OSError:
         return False
-
-
-def _connect_read_only(catalog: Path) -> sqlite3.Connection:
-    """A read-only connection: ``mode=ro``, or ``immutable=1`` where SQLite cannot create its
-    WAL index beside a read-only catalog."""
-    uri = catalog.resolve().as_uri()
-    try:
-        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
-        conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
-        return conn
-    except sqlite3.OperationalError:
-        return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None,
-                               check_same_thread=False)
-
-
-def _abandoned(part: Path) -> bool:
-    """A ``tmp/<pid>-<ns>.part`` file whose writer is gone (no such process) or is over an hour old."""
-    try:
-        if time.time() - part.stat().st_mtime > 3600:
-            return True
-        pid = int(part.name.split("-", 1)[0])
-    except (OSError, ValueError):
-        return False
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-class _ReadOnlyLock:
-    """Stands in for the write lock of a read-only library: taking it is refusing the write."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        raise ReadOnlyLibraryError(f"library {self.path} is read-only (this user cannot write there); "
-                                   "reading works, changes need write access")
-
-    def __exit__(self, *exc):
-        return False
-
-
-class _Transaction:
-    def __init__(self, conn: sqlite3.Connection):
-        self.conn = conn
-
-    def __enter__(self):
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self.conn
-
-    def __exit__(self, exc_type, exc, tb):
-        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
-
-
-def _record(row: sqlite3.Row) -> AdapterRecord:
-    d = dict(row)
-    for key in ("target_modules", "examples", "tags"):
-        d[key] = json.loads(d[key])
-    return AdapterRecord(**d)
-
-
-def _str_list(values: Sequence[str] | str, what: str) -> list[str]:
-    if isinstance(values, str):
-        values = [values]
-    values = list(values)
-    if not all(isinstance(v, str) for v in values):
-        raise ValidationError(f"{what} must be strings")
-    return values
-
-
-def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -30,10 +30,10 @@ def test_library_caches_arrow_prototypes_per_content(lib, tiny_spec):
     v_ref, s_ref = emb.arrow_prototype_dense(ad.modules[path].A, ad.modules[path].B, ad.scaling(path))
     assert abs(float(protos[path][0] @ v_ref)) == pytest.approx(1.0, abs=1e-5)
     assert protos[path][1] == pytest.approx(s_ref, rel=1e-5)
-    n_cached = lib._conn.execute("SELECT COUNT(*) FROM derived WHERE blob=? AND kind='arrow'", (rec.blob,)).fetchone()[0]
+    n_cached = lib._catalog.one("SELECT COUNT(*) AS n FROM derived WHERE blob=? AND kind='arrow'", (rec.blob,))["n"]
     assert n_cached == 1
     lib.remove("a")
-    assert lib._conn.execute("SELECT COUNT(*) FROM derived").fetchone()[0] == 0
+    assert lib._catalog.one("SELECT COUNT(*) AS n FROM derived")["n"] == 0
 
 
 def test_svd_embeddings_match_dense_truncated_svd(tmp_path, tiny_spec):
@@ -121,9 +121,9 @@ def test_text_search_ranks_the_matching_description_first(lib, tiny_spec):
         lib.add(random_adapter(tiny_spec, name, seed=i), description=desc, examples=ex)
     assert lib.search("write a SELECT statement for the orders table", k=1)[0][0] == "sql"
     assert lib.search("say this in French please", k=3)[0][0] == "french"
-    first_index = (lib.path / "index" / "text.faiss").stat().st_mtime_ns
+    first_index = (lib._index_dir / "text.faiss").stat().st_mtime_ns
     assert lib.search("add 12 and 30", k=1)[0][0] == "math"
-    assert (lib.path / "index" / "text.faiss").stat().st_mtime_ns == first_index  # reused, not rebuilt
+    assert (lib._index_dir / "text.faiss").stat().st_mtime_ns == first_index  # reused, not rebuilt
     lib.describe("math", description="Translate English into German.", examples=["Guten Tag"])
     assert lib.search("say this in German", k=1)[0][0] == "math"  # stale index was rebuilt
 
