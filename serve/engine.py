@@ -63,7 +63,7 @@ from quiver.runtime import RoutedModel
 
 from .errors import ApiError, bad_request
 from .metrics import Metrics
-from .routing import Catalog, RouterCache, RouteSpec
+from .routing import Catalog, RouterCache, RouteSpec, RowWeights
 from .text import TextState
 
 log = logging.getLogger("quiver.serve")
@@ -92,7 +92,8 @@ class Request:
     trace: bool = True  # report routing shares (costs a trace of every step)
     cancelled: bool = False
     # engine state
-    router: object = None
+    router: object = None  # the Router serving it, or None when ``fixed`` weights do
+    fixed: dict | None = None  # {adapter: weight}, served by the engine's RowWeights router
     text: TextState | None = None
     generated: int = 0
     n_ctx: int = 0  # positions in this request's cache = position of its next token
@@ -129,6 +130,7 @@ class Engine:
         if not self.universe:
             raise ValueError(f"library {library.path} has no adapters; add some before serving it")
         self.rm = RoutedModel(model, library, router=default_router(), capacity=capacity, backend=backend)
+        self.row_weights = self.rm.bind(RowWeights())
         self._warm_up()
         self.routers = RouterCache(library, lambda: self.rm.router)
         self._gen, self._arts = None, None
@@ -257,11 +259,12 @@ class Engine:
         if not (self._pending_rebuild or too_many):
             return
         live = self.catalog.adapters
-        if any(set(getattr(r.router, "adapters", None) or []) - live for r in self.running):
+        if any(set(_uses(r)) - live for r in self.running):
             return  # a running request routes over a removed adapter: wait for it to finish
         self.rm.unwrap()
         self.rm = RoutedModel(self.model, self.library, router=self._default_factory(), capacity=self.capacity,
                               backend=self.backend, check_fingerprint=False)
+        self.row_weights = self.rm.bind(RowWeights())
         self._warm_up()
         self.routers.clear()
         self.universe = sorted(live)
@@ -312,7 +315,14 @@ class Engine:
     def _prefill(self, req: Request) -> bool:
         """Route and prefill one request alone; emit its first token. False if it is done."""
         try:
-            req.router = self.routers.router(req.spec, req.route_text, self.rm.bind)
+            served = self.routers.resolve(req.spec, req.route_text, self.rm.bind)
+            if isinstance(served, dict):
+                gone = sorted(set(served) - set(self.universe))
+                if gone:
+                    raise bad_request(f"unknown adapter(s) {gone}", "unknown_adapter", param="routing")
+                req.fixed = served
+            else:
+                req.router = served
         except ApiError as e:
             req.emit(("error", e))
             return False
@@ -335,7 +345,9 @@ class Engine:
 
     def _forward(self, ids, mask, pos, cache, reqs: list[Request], n_tokens: int):
         self.metrics.step_tokens.observe(ids.numel())
-        routers = [r.router for r in reqs]
+        if any(r.fixed is not None for r in reqs):
+            self.row_weights.set_rows([r.fixed for r in reqs])
+        routers = [self.row_weights if r.fixed is not None else r.router for r in reqs]
         kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, self._cache_kw: cache,
                   "use_cache": True, "routers": routers, "logits_to_keep": 1}
         if not any(r.trace for r in reqs):
@@ -432,6 +444,13 @@ class Engine:
                 done.append(i)
         if done:
             self._drop(done)
+
+
+def _uses(req: Request) -> list[str]:
+    """The adapters a running request may route to."""
+    if req.fixed is not None:
+        return list(req.fixed)
+    return list(getattr(req.router, "adapters", None) or [])
 
 
 def _layers(out) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -13,9 +13,14 @@ An unknown model id (also ``adapter:<x>`` or ``router:<x>`` naming nothing) is 4
 adapter or router named there is 400. Names are only ever looked up in the library's catalog,
 never turned into paths.
 
+Requests served by named adapters with given weights (``adapter:<name>``, ``routing.adapters``)
+share one router, :class:`RowWeights`, which holds one row of weights per batch row: however
+many different adapters the batch uses, they form one routing group of the step (the same
+decision ``Single``/``Fixed`` would give each row; no router object per request).
+
 Retrieval is resolved once per request, when it is admitted: the prompt (for chat, the last
 user message) is embedded and searched as ``Retrieval`` does, and the request is then served by
-``Fixed`` weights ``w_j = softmax_j(cos_j / T)`` over its top-k adapters, which is exactly
+fixed weights ``w_j = softmax_j(cos_j / T)`` over its top-k adapters, which is exactly
 Retrieval's decision for that request (Retrieval keeps one prepared row per *batch row*, which
 does not survive rows joining and leaving a running batch).
 """
@@ -28,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from quiver.routing import Arrow, Fixed, Retrieval, Router, RoutingDecision, RoutingSite, Single, Uniform
+from quiver.routing import Arrow, Retrieval, Router, RoutingDecision, RoutingSite, Uniform
 
 from .errors import ApiError, bad_request
 from .schemas import Routing
@@ -123,14 +128,51 @@ class NoAdapter(Router):
                                torch.zeros(T, 1, dtype=x.dtype, device=x.device))
 
 
-class RouterCache:
-    """RouteSpec -> a Router instance, built once and reused while the RoutedModel lives.
+class RowWeights(Router):
+    """Fixed weights per batch row, for every request served by named adapters with given
+    weights (``adapter:<name>``, ``routing.adapters``, resolved retrieval): one router for all of
+    them, so such requests share one routing group of the step whatever their adapters.
 
-    The runtime binds each router object once and keeps it; equal specs therefore share one
-    object, and per-request weights (``fixed``, resolved retrieval) are kept in a bounded LRU.
+    Bound over the whole universe; before each forward :meth:`set_rows` gives row i's weights
+    ``{name: w}`` (None for rows served by other routers). Every token of row i then gets
+
+        indices[t] = position of row i's adapters,  weights[t] = their weights (as given, as Fixed)
+
+    padded with empty slots (-1, weight 0) to the widest row.
     """
 
-    def __init__(self, library, default_factory, max_entries: int = 1024):
+    per_module = False
+
+    def __init__(self):
+        super().__init__(None)
+        self._rows: tuple[Tensor, Tensor] | None = None  # int64 [B, k], float [B, k]
+        self._on_device: dict = {}
+
+    def set_rows(self, rows: list[dict[str, float] | None]) -> None:
+        position = {n: i for i, n in enumerate(self.adapters)}
+        k = max((len(r) for r in rows if r), default=1)
+        idx = torch.full((len(rows), k), -1, dtype=torch.int64)
+        w = torch.zeros(len(rows), k, dtype=torch.float64)
+        for i, r in enumerate(rows):
+            for j, (name, weight) in enumerate((r or {}).items()):
+                idx[i, j], w[i, j] = position[name], weight
+        self._rows, self._on_device = (idx, w), {}
+
+    def route(self, x: Tensor, site: RoutingSite) -> RoutingDecision:  # x: [T, d_in]
+        key = (x.device, x.dtype)
+        if key not in self._on_device:
+            self._on_device[key] = (self._rows[0].to(x.device), self._rows[1].to(x.device, x.dtype))
+        idx, w = self._on_device[key]
+        req = site.request_ids.to(x.device)  # [T]
+        return RoutingDecision(idx[req], w[req])
+
+
+class RouterCache:
+    """RouteSpec -> what serves it: fixed weights ``{name: w}`` (served by the one
+    :class:`RowWeights` router) or a Router instance, built once and reused while the
+    RoutedModel lives (the runtime binds each router object once and keeps it)."""
+
+    def __init__(self, library, default_factory, max_entries: int = 256):
         self.library, self.default_factory, self.max_entries = library, default_factory, max_entries
         self._items: OrderedDict[tuple, Router] = OrderedDict()
         self.built = 0  # routers created since the cache was (re)started
@@ -150,9 +192,13 @@ class RouterCache:
             self._items.popitem(last=False)
         return router
 
-    def router(self, spec: RouteSpec, prompt_text: str, bind) -> Router:
-        """The router serving ``spec``; ``bind`` binds a router to the live RoutedModel."""
+    def resolve(self, spec: RouteSpec, prompt_text: str, bind) -> Router | dict[str, float]:
+        """The router serving ``spec``, or its fixed weights; ``bind`` binds to the live model."""
         k, a = spec.kind, spec.args
+        if k == "single":
+            return {a[0]: 1.0}
+        if k == "fixed":
+            return dict(a)
         if k == "retrieval":
             top_k, temp = a
             r = self._get(("retrieval", top_k, temp), lambda: Retrieval(top_k=top_k, temperature=temp))
@@ -162,14 +208,11 @@ class RouterCache:
             if not hits:
                 raise bad_request("routing: retrieval found no adapter for this prompt", "unknown_adapter",
                                   param="routing")
-            w = torch.softmax(torch.tensor([s for _, s in hits], dtype=torch.float64) / temp, dim=0).tolist()
-            spec = RouteSpec("fixed", tuple(zip((n for n, _ in hits), w)))
-            k, a = spec.kind, spec.args
+            w = torch.softmax(torch.tensor([s for _, s in hits]) / temp, dim=0).tolist()
+            return dict(zip((n for n, _ in hits), w))
         makers = {
             "default": self.default_factory,
             "base": NoAdapter,
-            "single": lambda: Single(a[0]),
-            "fixed": lambda: Fixed(dict(a)),
             "arrow": lambda: Arrow(top_k=a[0], temperature=a[1]),
             "uniform": Uniform,
             "saved": lambda: self.library.get_router(a[0]),
