@@ -532,7 +532,27 @@ def train_cmd(ctx: typer.Context, library: LibraryOpt = None, as_json: JsonOpt =
     _print(run_train_job(cfg, lib, "adapter" if "adapter" in given else "router"), as_json)
 
 
-BENCHMARKS = ("library", "runtime", "kernels", "merging", "quality")
+@app.command("serve", context_settings=EXTRA)
+def serve_cmd(
+    ctx: typer.Context,
+    library: LibraryOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (default: loopback only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key_file: Annotated[Optional[Path], typer.Option(
+        help="File of API keys, one per line (also $QUIVER_API_KEYS, comma-separated).")] = None,
+):
+    """OpenAI-compatible server (/v1/models, /v1/completions, /v1/chat/completions, /health, /metrics)
+    with continuous batching and per-request routing.
+
+    quiver serve -L DIR router=arrow router.top_k=2 serve.max_queue=64 model.name=/path/to/hf-dir
+    """
+    from .serve import run
+
+    cfg = _cfg(ctx)
+    run(cfg, _existing(cfg, library), host=host, port=port, api_key_file=api_key_file)
+
+
+BENCHMARKS = ("library", "runtime", "kernels", "merging", "quality", "serve")
 
 
 @app.command("bench", context_settings=EXTRA)
