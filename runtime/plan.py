@@ -63,6 +63,8 @@ class StepPlan:
         flat = x.reshape(-1, x.shape[-1])  # [T, d_in]
         if flat.shape[0] != self.num_tokens:
             raise RuntimeError(f"{path} received {flat.shape[0]} tokens, the step plan has {self.num_tokens}")
+        if self.source.num_slots == 0:  # nothing loaded (e.g. every request routes to no adapter)
+            return flat.new_zeros(flat.shape[0], self.source.out_features(path))
         xin = self.source.dropout(flat)
         out = None
         for mode in self._modes:

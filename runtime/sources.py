@@ -97,6 +97,9 @@ class LibrarySource:
     def num_slots(self) -> int:
         return len(self.bank.keys)
 
+    def out_features(self, path: str) -> int:
+        return self.bank.shapes[path][0]
+
     @property
     def keys(self) -> list[str | None]:
         return self.bank.keys
@@ -168,6 +171,9 @@ class TrainableSource(nn.Module):
 
     def load_selected(self, router: Router, local: Tensor) -> Tensor:
         raise AssertionError("trainable skills are always resident")
+
+    def out_features(self, path: str) -> int:
+        return self.factors(path)[1].shape[1]
 
     @property
     def num_slots(self) -> int:

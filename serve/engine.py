@@ -25,12 +25,12 @@ its own ``torch.Generator`` seeded by ``seed``), so a seeded request draws the s
 whichever requests share its steps.
 
 **Why not transformers' ContinuousBatchingManager.** It packs every request's tokens into one
-row (``[1, T]`` with a paged KV cache and a block-diagonal mask). RoutedModel routes per batch
-*row* (``routers[i]`` serves row i; a router sees ``site.rows``), so inside a packed row all
-requests would get one router; the manager exposes no token -> request map the routers could
-read. Once the runtime's step plan takes a token -> request map for packed sequences, the
-engine can move onto it; until then a batch of rows over a padded dynamic cache keeps every
-request's routing exact.
+row (``[1, T]`` with a paged KV cache and a block-diagonal mask) and exposes no token -> request
+map. The runtime's step plan takes one (``RoutedModel.forward(..., request_ids=...)``: packed
+sequences route per request, tested), but the manager builds its packed batches internally and
+calls the model with nothing a router could read, so its requests would all get one router.
+Until the engine schedules packed batches itself, a batch of rows over a padded dynamic cache
+(one row per request, ``routers[i]`` for row i) keeps every request's routing exact.
 
 **Hot adapters.** The universe a RoutedModel routes over is fixed at construction. When the
 library's adapter names change, the engine rebuilds it (``unwrap`` the old wrapping, wrap the

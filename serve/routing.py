@@ -116,7 +116,7 @@ def parse_routing(r: Routing, catalog: Catalog) -> RouteSpec:
 class NoAdapter(Router):
     """Routes to no adapter (empty slots): the model id ``base`` inside a mixed batch."""
 
-    per_module = False
+    per_token = False
 
     def bind(self, library, universe):
         self.adapters, self.sources = [], []
@@ -141,7 +141,7 @@ class RowWeights(Router):
     padded with empty slots (-1, weight 0) to the widest row.
     """
 
-    per_module = False
+    per_token = False
 
     def __init__(self):
         super().__init__(None)
