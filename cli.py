@@ -382,7 +382,9 @@ def generate(
     if cfg.router.get("kind") == "saved":
         if not cfg.router.name:
             raise ValueError("router=saved needs router.name=NAME (see `quiver library show` / Library.artifacts)")
-        router = lib.get_router(cfg.router.name)
+        from quiver.routing import load_router
+
+        router = load_router(lib, cfg.router.name)
     else:
         router = instantiate(cfg.router)
     model, tok = load_base_model(cfg.model.name, cache_dir=cfg.model.cache_dir,
@@ -518,7 +520,7 @@ def train_cmd(ctx: typer.Context, library: LibraryOpt = None, as_json: JsonOpt =
     quiver train adapter=mhr data=multi.jsonl name=skills adapter.skills=4
     quiver train adapter=mhr_mu data=few.jsonl name=new adapters=\\[skills-0,skills-1]
 
-    Routers are saved in the library as router artefacts (Library.get_router);
+    Routers are saved in the library as router artefacts (quiver.routing.load_router);
     adapters are registered (MoS adapters as "mos" artefacts). A rerun with the
     same train.checkpoint_dir resumes from its last checkpoint.
     """

@@ -586,14 +586,6 @@ class Library(DerivedMixin):
         tensors = st_load(self._read_blob(row["blob"], f"{kind}/{name}"))
         return tensors, json.loads(row["config"]), json.loads(row["adapters"])
 
-    def get_router(self, name: str):
-        """Router artefact ``name`` rebuilt as a router (see ``quiver.routing.persist``)."""
-        return _artifact_handler("router").load(self, name)
-
-    def save_router(self, name: str, router) -> int:
-        """Store a router as router artefact ``name``; returns its version."""
-        return _artifact_handler("router").save(self, name, router)
-
     def artifacts(self, kind: str | None = None) -> list[dict]:
         sql = "SELECT kind, name, version, adapters, created_at FROM artifacts"
         rows = (self._catalog.all(sql + " ORDER BY kind, name") if kind is None
@@ -622,19 +614,6 @@ class Library(DerivedMixin):
             self._catalog.many("INSERT INTO derived (blob, kind, config, data, created_at) VALUES (?,?,?,?,?) "
                                "ON CONFLICT (blob, kind, config) DO UPDATE SET data=excluded.data, "
                                "created_at=excluded.created_at", [(*item, now) for item in items])
-
-
-# Upper layers register how their artefact kinds become objects (routing registers "router"),
-# so the library serves them without importing those layers.
-ARTIFACT_HANDLERS: dict[str, object] = {}
-
-
-def _artifact_handler(kind: str):
-    if kind not in ARTIFACT_HANDLERS:
-        import importlib
-
-        importlib.import_module("quiver.routing")  # registers the "router" handler
-    return ARTIFACT_HANDLERS[kind]
 
 
 def _record(row: dict) -> AdapterRecord:

@@ -1,9 +1,5 @@
 """Routers: given a module's input tokens, which adapters and with what weight (see base.py)."""
 
-from types import SimpleNamespace
-
-from quiver.library.store import ARTIFACT_HANDLERS
-
 from .arrow import Arrow
 from .base import AdapterSource, LearnedRouter, Router, RoutingDecision, RoutingSite
 from .mhr import MHR, Poly
@@ -25,8 +21,6 @@ def make_router(name: str, **kwargs) -> Router:
         raise ValueError(f"unknown router {name!r}; valid: {', '.join(sorted(ROUTERS))}") from None
     return cls(**kwargs)
 
-
-ARTIFACT_HANDLERS["router"] = SimpleNamespace(load=load_router, save=save_router)
 
 __all__ = ["ROUTERS", "AdapterSource", "Arrow", "Fixed", "LearnedRouter", "MHR", "MoEGate", "Poly", "Retrieval",
            "Router", "RoutingDecision", "RoutingSite", "Single", "Uniform", "load_router", "make_router",

@@ -33,7 +33,7 @@ Learned routers (:class:`LearnedRouter`) are also ``nn.Module``s: their paramete
 the base model and adapters frozen (gradients reach them through the routing weights), an
 auxiliary loss may be collected during a forward pass (:meth:`Router.aux_loss`), and they save
 to / load from a library as ``router`` artefacts (:func:`quiver.routing.save_router`,
-``Library.get_router``): safetensors of :meth:`state_tensors` plus the JSON :meth:`config`.
+``quiver.routing.load_router``): safetensors of :meth:`state_tensors` plus the JSON :meth:`config`.
 """
 
 from __future__ import annotations

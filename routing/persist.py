@@ -2,8 +2,7 @@
 config), versioned, and tied to the adapters it routes over.
 
 ``save_router(lib, "my-moe", router)`` stores ``config = {"type": <registry name>, "args": ...,
-"adapter_hashes": {name: content hash}}``; ``load_router(lib, "my-moe")`` (also
-``Library.get_router``) rebuilds it and refuses when an adapter it routes over is gone or has
+"adapter_hashes": {name: content hash}}``; ``load_router(lib, "my-moe")`` rebuilds it and refuses when an adapter it routes over is gone or has
 changed content since (a router trained over other weights would route wrongly).
 """
 

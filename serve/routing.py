@@ -6,7 +6,7 @@ Model ids (``GET /v1/models``):
                      library unless configured)
     base             no adapter: the bare base model's output
     adapter:<name>   one adapter with weight 1 (``Single``)
-    router:<name>    a router saved in the library (``Library.get_router``)
+    router:<name>    a router saved in the library (``quiver.routing.load_router``)
 
 An unknown model id (also ``adapter:<x>`` or ``router:<x>`` naming nothing) is 404. The
 ``routing`` body object overrides the model id's routing (the id is still checked); an unknown
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from quiver.routing import Arrow, Retrieval, Router, RoutingDecision, RoutingSite, Uniform
+from quiver.routing import Arrow, Retrieval, Router, RoutingDecision, RoutingSite, Uniform, load_router
 
 from .errors import ApiError, bad_request
 from .schemas import Routing
@@ -215,7 +215,7 @@ class RouterCache:
             "base": NoAdapter,
             "arrow": lambda: Arrow(top_k=a[0], temperature=a[1]),
             "uniform": Uniform,
-            "saved": lambda: self.library.get_router(a[0]),
+            "saved": lambda: load_router(self.library, a[0]),
         }
         router = self._get((k, a), makers[k])
         bind(router)

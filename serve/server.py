@@ -43,7 +43,9 @@ def build_engine(cfg, library) -> tuple[Engine, object]:
         name = cfg.router.name
 
         def default_router():
-            return library.get_router(name)
+            from quiver.routing import load_router
+
+            return load_router(library, name)
     else:
         def default_router():
             return instantiate(cfg.router)

@@ -47,10 +47,11 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch, tiny_model_dir, peft_ad
         if "answers" in namespace:  # the routed quickstart and the training block answer prompts
             assert all(isinstance(a.text, str) for a in namespace["answers"])
     from quiver import Library
+    from quiver.routing import load_router
 
     with Library.open("my-library") as lib:
         assert {"sql", "dates", "french", "sql-dates-fr", "my-mos", "dates-iso"} <= set(lib.names())
-        assert lib.get_router("my-moe") is not None
+        assert load_router(lib, "my-moe") is not None
     assert (tmp_path / "out" / "sql" / "adapter_config.json").is_file()
     assert (tmp_path / "merged-model" / "model.safetensors.index.json").is_file()
     assert (tmp_path / "trace.png").is_file() and (tmp_path / "trace.json").is_file()

@@ -9,7 +9,7 @@ import torch
 
 from quiver import Library, RoutedModel
 from quiver.library.synthetic import ALL_PROJECTIONS, random_adapter
-from quiver.routing import MHR, ROUTERS, Poly, RoutingSite, Single, save_router
+from quiver.routing import MHR, ROUTERS, Poly, RoutingSite, Single, load_router, save_router
 from quiver.runtime import head_view
 from quiver.runtime.sources import view_sources
 
@@ -190,7 +190,7 @@ def test_save_and_load_round_trip(tiny_model, lib3, cls, n_splits):
     router.prepare(tasks=["fr", "sql"])
     want = RoutedModel(copy.deepcopy(tiny_model), lib3, router=router)(IDS).logits
     save_router(lib3, "mix", router)
-    loaded = lib3.get_router("mix")
+    loaded = load_router(lib3, "mix")
     assert type(loaded) is cls and loaded.config() == router.config() and not loaded.training
     assert loaded.adapters == SKILLS and torch.equal(loaded.logits, router.logits)
     loaded.prepare(tasks=["fr", "sql"])

@@ -13,7 +13,7 @@ import torch
 from quiver import Library, RoutedModel
 from quiver.library import ValidationError
 from quiver.library.synthetic import random_adapter
-from quiver.routing import MoEGate, RoutingSite, save_router
+from quiver.routing import MoEGate, RoutingSite, load_router, save_router
 from quiver.routing.moe import load_balancing_loss
 
 IDS = torch.tensor([[3, 17, 42, 99, 5, 64, 127], [7, 7, 1, 2, 90, 33, 45]])
@@ -207,7 +207,7 @@ def test_save_and_load_give_identical_decisions(tiny_model, lib4, tiny_spec, kwa
         for p in gate.parameters():
             p.add_(torch.randn_like(p))
     assert save_router(lib4, "gate", gate) == 1
-    loaded = lib4.get_router("gate")
+    loaded = load_router(lib4, "gate")
     assert type(loaded) is MoEGate and loaded.config() == gate.config() and loaded.adapters == gate.adapters
     json.dumps(loaded.config())
     rm2 = RoutedModel(copy.deepcopy(tiny_model), lib4, router=loaded)
@@ -220,14 +220,14 @@ def test_save_and_load_give_identical_decisions(tiny_model, lib4, tiny_spec, kwa
 
     lib4.add(random_adapter(tiny_spec, "a1", rank=2, seed=99, std=0.15), replace=True)
     with pytest.raises(ValidationError, match="another version of adapter 'a1'"):
-        lib4.get_router("gate")
+        load_router(lib4, "gate")
 
 
 def test_a_saved_gate_keeps_its_adapters_and_checks_shapes(lib4, tiny_spec):
     gate = bound(lib4)
     save_router(lib4, "gate", gate)
     lib4.add(random_adapter(tiny_spec, "a4", rank=2, seed=4))
-    loaded = lib4.get_router("gate")
+    loaded = load_router(lib4, "gate")
     loaded.bind(lib4, lib4.names())
     assert loaded.adapters == ["a0", "a1", "a2", "a3"]  # not the new a4
     other = MoEGate.from_state(gate.config(), gate.state_tensors(), ["a0", "a1"])

@@ -8,7 +8,7 @@ import torch
 from quiver import Library
 from quiver.library import ValidationError
 from quiver.library.synthetic import random_adapter
-from quiver.routing import Arrow, Fixed, RoutingSite, save_router
+from quiver.routing import Arrow, Fixed, RoutingSite, load_router, save_router
 
 
 @pytest.fixture
@@ -23,8 +23,8 @@ def test_a_configured_arrow_router_round_trips_with_versions(lib3):
     arrow = Arrow(top_k=2, temperature=0.5, mode="merge-before", adapters=["a0", "a2"])
     arrow.bind(lib3, lib3.names())
     assert save_router(lib3, "arrow2", arrow) == 1
-    assert lib3.save_router("arrow2", arrow) == 2  # same name again: a new version
-    loaded = lib3.get_router("arrow2")
+    assert save_router(lib3, "arrow2", arrow) == 2  # same name again: a new version
+    loaded = load_router(lib3, "arrow2")
     assert isinstance(loaded, Arrow) and loaded.config() == arrow.config() and loaded.adapters == ["a0", "a2"]
     loaded.bind(lib3, lib3.names())
     path = "model.layers.1.self_attn.q_proj"
@@ -43,4 +43,4 @@ def test_routers_that_cannot_be_saved_or_loaded_fail_clearly(lib3):
     save_router(lib3, "arrow", Arrow(adapters=["a0", "a1"]))
     lib3.remove("a1")
     with pytest.raises(ValidationError, match="no longer in the library"):
-        lib3.get_router("arrow")
+        load_router(lib3, "arrow")

@@ -10,7 +10,7 @@ import torch
 from quiver import Library, RoutedModel
 from quiver.library import embeddings as emb
 from quiver.library.synthetic import random_adapter
-from quiver.routing import Fixed, Retrieval, RoutingSite, save_router
+from quiver.routing import Fixed, Retrieval, RoutingSite, load_router, save_router
 
 DESCRIPTIONS = {
     "dates": ("converts dates to ISO format", ["Write 03/04/2021 as YYYY-MM-DD"]),
@@ -136,7 +136,7 @@ def test_errors_without_prompts(tlib):
 def test_saved_and_loaded_through_the_library(tlib):
     router = bound(tlib, top_k=3, temperature=0.05, adapters=["add", "dates", "sql"])
     save_router(tlib, "retrieve", router)
-    loaded = tlib.get_router("retrieve")
+    loaded = load_router(tlib, "retrieve")
     assert type(loaded) is Retrieval and loaded.config() == {"top_k": 3, "temperature": 0.05}
     assert loaded.adapters == ["add", "dates", "sql"]
     loaded.bind(tlib, tlib.names())

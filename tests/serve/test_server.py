@@ -23,9 +23,15 @@ ROUTINGS = [
     ("adapter:sql", None, lambda lib: _single("sql")),
     ("quiver", {"adapters": {"sql": 0.7, "dates": 0.3}}, lambda lib: _fixed({"sql": 0.7, "dates": 0.3})),
     ("quiver", {"router": "arrow", "top_k": 1, "temperature": 0.5}, lambda lib: _arrow(1, 0.5)),
-    ("router:arrow-k1", None, lambda lib: lib.get_router("arrow-k1")),
+    ("router:arrow-k1", None, lambda lib: _saved(lib, "arrow-k1")),
     ("quiver", {"router": "retrieval", "top_k": 2}, lambda lib: _retrieval(2)),
 ]
+
+
+def _saved(lib, name):
+    from quiver.routing import load_router
+
+    return load_router(lib, name)
 
 
 def _arrow(k, t):

@@ -9,7 +9,7 @@ import torch
 
 from quiver import Library, RoutedModel
 from quiver.library.synthetic import random_adapter
-from quiver.routing import MHR, Poly, Single
+from quiver.routing import MHR, Poly, Single, load_router
 from quiver.training import (TrainConfig, average_skills, make_lm_loss, mean_loss, mhr_mu, mhr_pretrain, mhr_z,
                              router_loss_fn)
 
@@ -82,7 +82,7 @@ def test_pretrain_registers_skills_and_a_router_that_reproduces_the_model(tiny_m
     assert all(p.requires_grad for p in model.parameters())  # flags restored, hooks removed, base untouched
     torch.testing.assert_close(model(torch.tensor([[3, 4, 5]])).logits, tiny_model(torch.tensor([[3, 4, 5]])).logits)
 
-    loaded = lib.get_router("mt")
+    loaded = load_router(lib, "mt")
     assert type(loaded) is MHR and torch.equal(loaded.logits, router.logits.detach().cpu())
     rm = RoutedModel(copy.deepcopy(tiny_model), lib, router=loaded)
     again = mean_loss(router_loss_fn(rm, loaded, tok, chat_template=False), MATH + FR)
@@ -90,7 +90,7 @@ def test_pretrain_registers_skills_and_a_router_that_reproduces_the_model(tiny_m
 
     poly, _ = mhr_pretrain(copy.deepcopy(tiny_model), tok, MATH, lib, skills=2, rank=2, alpha=4.0,
                            config=cfg(steps=1), chat_template=False, name_prefix="p", router_name="poly")
-    assert type(lib.get_router("poly")) is Poly and poly.adapters == ["p-0", "p-1"]
+    assert type(load_router(lib, "poly")) is Poly and poly.adapters == ["p-0", "p-1"]
     with pytest.raises(ValueError, match="already has adapters"):
         mhr_pretrain(copy.deepcopy(tiny_model), tok, MATH, lib, skills=2, config=cfg(steps=1), name_prefix="p")
 

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from quiver import Library
 from quiver.cli import app
+from quiver.routing import load_router
 
 DATA = [{"prompt": f"what is {a} plus {b}?", "answer": str(a + b), "task": f"add{a % 2}"}
         for a in range(6) for b in range(6)]
@@ -84,7 +85,7 @@ def test_train_routers_then_generate_with_the_saved_ones(setup, tiny_spec):
     r = invoke("train", *common, "router=mhr", "name=mhr", "router.n_splits=2")
     assert r.exit_code == 0, r.output
     with Library.open(lib) as L:
-        mhr = L.get_router("mhr")
+        mhr = load_router(L, "mhr")
         assert mhr.tasks == ["add0", "add1"] and tuple(mhr.logits.shape) == (2, 2, 3)
         assert mhr.logits.abs().sum() > 0  # trained
     gen = ["-L", lib, "--json", f"model.name={common[3].split('=', 1)[1]}", "generate.chat_template=false",
