@@ -63,8 +63,6 @@ class StepPlan:
         flat = x.reshape(-1, x.shape[-1])  # [T, d_in]
         if flat.shape[0] != self.num_tokens:
             raise RuntimeError(f"{path} received {flat.shape[0]} tokens, the step plan has {self.num_tokens}")
-        if self.source.num_slots == 0:  # nothing loaded (e.g. every request routes to no adapter)
-            return flat.new_zeros(flat.shape[0], self.source.out_features(path))
         xin = self.source.dropout(flat)
         out = None
         for mode in self._modes:
@@ -72,6 +70,10 @@ class StepPlan:
                 decision, meta = self._decide(self._single, flat, path)
             else:
                 decision, meta = self._assemble(flat, path, [g for g in self.groups if g.mode == mode])
+            if self.source.num_slots == 0:  # nothing loaded, even after routing: no adapter is used
+                d = flat.new_zeros(flat.shape[0], self.source.out_features(path))
+                out = d if out is None else out + d
+                continue
             bank = self.source.bank_of(path)  # after routing: a selective router may have loaded
             if self.trace is not None:
                 self.trace.record(path, x.shape[:-1], decision, self.source.keys)
