@@ -554,7 +554,7 @@ def serve_cmd(
     run(cfg, _existing(cfg, library), host=host, port=port, api_key_file=api_key_file)
 
 
-BENCHMARKS = ("library", "runtime", "kernels", "merging", "quality", "serve")
+BENCHMARKS = ("library", "runtime", "kernels", "merging", "quality", "serve", "training")
 
 
 @app.command("bench", context_settings=EXTRA)
