@@ -56,6 +56,11 @@ class AdapterBank:
         return key in self._slot_of
 
     @property
+    def num_slots(self) -> int:
+        """Slots allocated (E of the kernels' banks), free ones included."""
+        return self._slots
+
+    @property
     def keys(self) -> list[str | None]:
         """Slot -> key (None for a free slot)."""
         out: list[str | None] = [None] * self._slots

@@ -95,7 +95,7 @@ class LibrarySource:
 
     @property
     def num_slots(self) -> int:
-        return len(self.bank.keys)
+        return self.bank.num_slots
 
     def out_features(self, path: str) -> int:
         return self.bank.shapes[path][0]
