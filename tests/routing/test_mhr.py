@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from quiver import Library, RoutedModel
-from quiver.library.synthetic import ALL_PROJECTIONS, random_adapter
+from quiver.library.synthetic import random_adapter
 from quiver.routing import MHR, ROUTERS, Poly, RoutingSite, Single, load_router, save_router
 from quiver.runtime import head_view
 from quiver.runtime.sources import view_sources

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from quiver import Library, RoutedModel
-from quiver.kernels import LoraBank
 from quiver.library import ValidationError
 from quiver.library.synthetic import random_adapter
 from quiver.routing import Arrow, Fixed, RoutingSite, Single, Uniform
