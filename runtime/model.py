@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from quiver.library import Library, ValidationError, fingerprint
@@ -32,7 +33,7 @@ from .bank import AdapterBank
 from .plan import Engine
 from .sources import LibrarySource, TrainableSource
 from .trace import Trace
-from .wrap import resolve_targets, uninstall, install, wrap_linears
+from .wrap import install, resolve_targets, uninstall, wrap_linears
 
 
 class RoutedModel(nn.Module):
@@ -112,10 +113,9 @@ class RoutedModel(nn.Module):
         with self._using(routers, request_ids):
             return self.model(*args, **kwargs)
 
+    @torch.no_grad()
     def generate(self, *args, routers: Sequence[Router | None] | None = None, **kwargs):
-        import torch
-
-        with torch.no_grad(), self._using(routers, None):
+        with self._using(routers, None):
             return self.model.generate(*args, **kwargs)
 
     @contextlib.contextmanager

@@ -82,9 +82,9 @@ class StepPlan:
             key = (mode, decision.indices.numel(), needs_grad(xb, bank, w), xb.dtype, xb.device)
             impl = self._impl.get(key)
             if impl is None:  # the first module of the step validates and picks the backend
-                d = mixture_lora(xb, bank, decision.indices, w, meta=meta, backend=self.backend, mode=mode)
-                self._impl[key] = BACKENDS[resolve_backend(xb, bank, w, decision.indices.numel(),
-                                                           self.backend, mode)].impls[mode]
+                name = resolve_backend(xb, bank, w, decision.indices.numel(), self.backend, mode)
+                d = mixture_lora(xb, bank, decision.indices, w, meta=meta, backend=name, mode=mode)
+                self._impl[key] = BACKENDS[name].impls[mode]
             else:  # the others call it directly: same mode, shapes of the same kind, same decision size
                 d = impl(xb, bank, decision.indices, w, meta)
             d = d if d.dtype == x.dtype else d.to(x.dtype)

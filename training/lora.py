@@ -99,10 +99,6 @@ class LoraParams(TrainableSource):
         if self._routed:
             self._routed.pop().unwrap()
 
-    @property
-    def routed(self) -> RoutedModel:
-        return self.attach()
-
     # -- TrainableSource -----------------------------------------------------------------------
     def factors(self, path: str) -> tuple[Tensor, Tensor]:
         return self.A[_key(path)], self.B[_key(path)] * self.scaling  # [S, r, d_in], [S, d_out, r]

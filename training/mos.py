@@ -55,7 +55,6 @@ class MoSModel(nn.Module):
         missing = [p for p in source.paths if not isinstance(linears.get(p), nn.Linear)]
         if missing:
             raise ValueError(f"MoS modules are not nn.Linear layers of the model: {missing[:5]}")
-        self.__dict__["_source"] = source  # the pools are registered once, through self.mos
         self.routed = RoutedModel(model, source, router=Single(source.names[0]))
 
     @property
