@@ -73,23 +73,22 @@ def build_meta(indices: Tensor, weights: Tensor, num_adapters: int, exact: bool 
     order = torch.sort(key, stable=True).indices  # [T*k]
     bins = torch.zeros(E + 2, dtype=torch.int64, device=key.device)  # [E + 2]
     bins.scatter_add_(0, key, torch.ones_like(key))  # (bincount would sync once more on CUDA)
-    if not exact:
-        counts = bins[:E]  # [E]
-        slot_adapters = slot_adapters.masked_fill(invalid, -1)  # never read out of range
-        return MixtureMeta(
-            num_tokens=T, top_k=k, num_adapters=E, slot_adapters=slot_adapters, pair_ids=order,
-            token_ids=order // k, pair_weights=weights.reshape(-1)[order].float(), counts=counts,
-            offsets=torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0)),
-            active_adapters=torch.arange(E, device=indices.device), active=None, active_counts=None,
-            num_pairs=T * k, max_count=T * k, exact=False)
-    host = bins.tolist()  # the one device-to-host copy
-    if host[E + 1]:
-        bad = slot_adapters[invalid][:5].tolist()
-        raise ValueError(f"{host[E + 1]} routing indices outside [-1, {E}), e.g. {bad}")
     counts = bins[:E]  # [E]
-    n = sum(host[:E])
-    pair_ids = order[:n]  # [N]; empty and invalid slots sort last
-    active = tuple(e for e in range(E) if host[e])
+    if exact:
+        host = bins.tolist()  # the one device-to-host copy
+        if host[E + 1]:
+            bad = slot_adapters[invalid][:5].tolist()
+            raise ValueError(f"{host[E + 1]} routing indices outside [-1, {E}), e.g. {bad}")
+        n = sum(host[:E])
+        pair_ids = order[:n]  # [N]; empty and invalid slots sort last
+        active = tuple(e for e in range(E) if host[e])
+        active_adapters = torch.tensor(active, dtype=torch.int64, device=indices.device)
+        active_counts, max_count = tuple(host[e] for e in active), max(host[:E], default=0)
+    else:  # bounds instead of host reads; empty and invalid slots stay at the end of pair_ids
+        n, pair_ids = T * k, order
+        slot_adapters = slot_adapters.masked_fill(invalid, -1)  # never read out of range
+        active, active_counts, max_count = None, None, T * k
+        active_adapters = torch.arange(E, device=indices.device)
     return MixtureMeta(
         num_tokens=T,
         top_k=k,
@@ -100,9 +99,10 @@ def build_meta(indices: Tensor, weights: Tensor, num_adapters: int, exact: bool 
         pair_weights=weights.reshape(-1)[pair_ids].float(),
         counts=counts,
         offsets=torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0)),
-        active_adapters=torch.tensor(active, dtype=torch.int64, device=indices.device),
+        active_adapters=active_adapters,
         active=active,
-        active_counts=tuple(host[e] for e in active),
+        active_counts=active_counts,
         num_pairs=n,
-        max_count=max(host[:E], default=0),
+        max_count=max_count,
+        exact=exact,
     )
