@@ -29,18 +29,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
+from quiver.bench.groups import (
+    evaluate_cluster_library,
+    evaluate_merges,
+    merges_table,
+    read_groups,
+)
 from quiver.library import BaseModelSpec, Library, load_base_model
 from quiver.library.base_model import default_cache_dir
 from quiver.tasks import HELD_IN, HELD_OUT, get_task
 
+GROUPS = Path(__file__).resolve().parents[1] / "docs" / "mbc-clusters.json"
 MERGES = {"uniform": "linear", "ties": "ties", "pcb": "pcb"}  # defaults of conf/merge
 ARROW = [(1, "merge-after"), (2, "merge-after"), (4, "merge-after"), (1, "merge-before"),
          (2, "merge-before"), (4, "merge-before")]
@@ -105,19 +110,12 @@ def _score(items: list[dict], answers) -> dict[str, float]:
     return {t: sum(v) / len(v) for t, v in per_task.items()}
 
 
-def _routing_stats(items, answers, held_in: Sequence[str]) -> dict:
-    own, entropy = [], []
-    for it, a in zip(items, answers):
-        share = a.adapter_share
-        if not share:
-            continue
-        total = sum(share.values())
-        p = [v / total for v in share.values() if v > 0]
-        entropy.append(-sum(x * math.log(x) for x in p))
-        if it["task"] in held_in:
-            own.append(share.get(it["task"], 0.0) / total)
-    return {"own_adapter_share": sum(own) / len(own) if own else None,
-            "routing_entropy": sum(entropy) / len(entropy) if entropy else None}
+def _routing_stats(rm, tok, items, router, held_in: Sequence[str]) -> dict:
+    """Routing diagnostics on the held-in prompts (see :mod:`quiver.bench.routability`)."""
+    from quiver.bench.routability import routing_diagnostics
+
+    rep = routing_diagnostics(rm, tok, [it for it in items if it["task"] in held_in], router)
+    return {k: rep[k] for k in ("own_share", "own_share_all", "top1_hit", "random")}
 
 
 def _few_shot(tasks: Sequence[str], shots: int) -> list[dict]:
@@ -176,24 +174,24 @@ def evaluate(model, tok, lib: Library, held_in: Sequence[str], held_out: Sequenc
                 t0 = time.perf_counter()
                 name = f"arrow-k{k}" + ("-mb" if mode == "merge-before" else "")
                 router = Arrow(top_k=k, mode=mode, adapters=list(held_in))
-                answers = _answer_all(rm, tok, items, settings, lambda it, r=router: r, trace=True)
+                answers = _answer_all(rm, tok, items, settings, lambda it, r=router: r)
                 record(name, answers, t0)
-                diagnostics[name] = _routing_stats(items, answers, held_in)
+                diagnostics[name] = _routing_stats(rm, tok, items, router, held_in)
         elif method in MERGES:
             router = Single(merged[method])
             record(method, _answer_all(rm, tok, items, settings, lambda it: router), t0)
         elif method == "retrieval":
             router = Retrieval(top_k=2, adapters=list(held_in))
-            answers = _answer_all(rm, tok, items, settings, lambda it: router, trace=True)
+            answers = _answer_all(rm, tok, items, settings, lambda it: router)
             record("retrieval", answers, t0)
-            diagnostics["retrieval"] = _routing_stats(items, answers, held_in)
+            diagnostics["retrieval"] = _routing_stats(rm, tok, items, router, held_in)
         elif method == "moe":
             gate = MoEGate(top_k=2, adapters=list(held_in), init="arrow")
             train_router(rm, gate, tok, shots, config=train_cfg(settings.moe_lr))
             gate.eval()
-            answers = _answer_all(rm, tok, items, settings, lambda it: gate, trace=True)
+            answers = _answer_all(rm, tok, items, settings, lambda it: gate)
             record("moe", answers, t0)
-            diagnostics["moe"] = _routing_stats(items, answers, held_in)
+            diagnostics["moe"] = _routing_stats(rm, tok, items, gate, held_in)
         elif method == "mhr-z":
             mhr = MHR(tasks=tasks, adapters=list(held_in))
             train_router(rm, mhr, tok, shots, config=train_cfg(settings.mhr_lr))
@@ -263,6 +261,45 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def run_groups(model, tok, spec, lib, report: dict, settings: Settings, args) -> None:
+    """The related-task merges and the MBC library (:mod:`quiver.bench.groups`) into ``report``."""
+    from quiver.routing import Single
+    from quiver.runtime import RoutedModel
+
+    groups = read_groups(args.groups)
+
+    def answer_all(rm, items, router_for):
+        return _answer_all(rm, tok, items, settings, router_for)
+
+    if not args.no_merges:
+        own = {}
+        rm = RoutedModel(model, lib, adapters=list(HELD_IN))
+        try:
+            related = [t for g in groups.values() if len(g) > 1 for t in g]
+            items = _prompts(related, settings.n_test)
+            own = _score(items, answer_all(rm, items, lambda it: Single(it["task"])))
+        finally:
+            rm.unwrap()
+        print("merges of related tasks (normalised by each task's own adapter):")
+        report["related_merges"] = evaluate_merges(model, tok, lib, groups, answer_all, _score, own, settings.n_test)
+    if args.cluster_adapters is not None:
+        print(f"MBC library ({len(groups)} cluster adapters from {args.cluster_adapters}):")
+        mbc = evaluate_cluster_library(model, tok, spec, args.library_dir.parent / "mbc-library", args.cluster_adapters,
+                                       groups, HELD_IN, HELD_OUT, answer_all, _score, settings.n_test)
+        report["mbc"] = mbc
+        for name, r in mbc["results"].items():
+            report["results"][name] = {k: r[k] for k in ("per_task", "held_in", "held_out")} | {"seconds": None}
+            if "diagnostics" in r:
+                report["diagnostics"][name] = r["diagnostics"]
+
+
+def diagnostics_table(report: dict) -> str:
+    lines = ["| router | own-adapter share | own adapter on top | random share |", "|---|---|---|---|"]
+    for name, d in report["diagnostics"].items():
+        lines.append(f"| {name} | {_fmt(d.get('own_share'))} | {_fmt(d.get('top1_hit'))} | {_fmt(d.get('random'))} |")
+    return "\n".join(lines)
+
+
 def open_task_library(path: Path, spec: BaseModelSpec, adapters_dir: Path | None = None) -> Library:
     from quiver.training.tasklib import SHIPPED, register_task_adapters
 
@@ -282,6 +319,11 @@ def main(argv=None) -> None:
     ap.add_argument("--library", type=Path, help="task library directory (default: in the model cache)")
     ap.add_argument("--adapters", type=Path, help="task adapter directories (default: the shipped ones)")
     ap.add_argument("--out", type=Path, default=Path("bench-results"), help="where quality.json/.png go")
+    ap.add_argument("--groups", type=Path, default=GROUPS,
+                    help="clusters file of related tasks (default: docs/mbc-clusters.json)")
+    ap.add_argument("--no-merges", action="store_true", help="skip the merges of related tasks")
+    ap.add_argument("--cluster-adapters", type=Path,
+                    help="also evaluate Arrow over these cluster adapters (OUT of tasklib --clusters)")
     args = ap.parse_args(argv)
     settings = FULL if args.full else QUICK
     if args.n:
@@ -292,15 +334,20 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     model, tok = load_base_model("smollm2-135m")
     spec = BaseModelSpec.from_model(model)
-    lib = open_task_library(args.library or default_cache_dir() / "task-library", spec, args.adapters)
+    args.library_dir = args.library or default_cache_dir() / "task-library"
+    lib = open_task_library(args.library_dir, spec, args.adapters)
     print(f"{len(HELD_IN)} held-in + {len(HELD_OUT)} held-out tasks, {settings.n_test} test prompts each; "
           f"{torch.get_num_threads()} threads")
     report = evaluate(model, tok, lib, HELD_IN, HELD_OUT, settings)
+    run_groups(model, tok, spec, lib, report, settings, args)
     report["total_seconds"] = round(time.perf_counter() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(report, indent=1))
     plot(report, args.out / "quality.png")
     print(table(report))
+    print(diagnostics_table(report))
+    if "related_merges" in report:
+        print(merges_table(report["related_merges"]))
     print("targets:", json.dumps(report["targets"]))
     print(f"wrote {args.out / 'quality.json'} and {args.out / 'quality.png'} ({report['total_seconds']} s)")
 

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from torch import nn
-
+import torch
 from quiver.library import LoraAdapter
 from quiver.merging.mos import MoSAdapter, MoSConfig
+from torch import nn
 
 from .data import make_lm_loss, mean_loss
+from .loop import TrainConfig, Trainer, TrainResult
 from .lora import LoraParams
-from .loop import Trainer, TrainConfig, TrainResult
 from .mos import MoSModel
 
 
@@ -43,11 +43,16 @@ def train_lora(model: nn.Module, tok, train: Sequence[dict], name: str, *,
                targets: Sequence[str] = ("q_proj", "v_proj"), rank: int = 8, alpha: float = 16.0,
                dropout: float = 0.0, config: TrainConfig | None = None, valid: Sequence[dict] = (),
                init: LoraAdapter | None = None, chat_template: bool = True, max_length: int = 256,
-               checkpoint_dir: str | os.PathLike | None = None) -> tuple[LoraAdapter, TrainResult]:
+               checkpoint_dir: str | os.PathLike | None = None, snapshot_steps: Sequence[int] = (),
+               on_snapshot: Callable[[int, LoraAdapter, float | None], None] | None = None,
+               ) -> tuple[LoraAdapter, TrainResult]:
     """Train one LoRA on ``train`` (examples with ``prompt``/``answer``); returns it and the log.
 
     ``init``: start from this adapter (MHR-μ fine-tunes the averaged skills this way).
     ``valid``: examples whose mean loss the evaluation hook reports as ``valid_loss``.
+    ``snapshot_steps`` / ``on_snapshot(step, adapter, valid_loss)``: the adapter as it is after
+    those steps of this one run (its learning-rate schedule spans ``config.steps``), e.g. to
+    measure a quantity against the training budget without training once per budget.
     """
     config = config or TrainConfig()
     lora = LoraParams(model, targets, rank=rank, alpha=alpha, dropout=dropout,
@@ -56,8 +61,16 @@ def train_lora(model: nn.Module, tok, train: Sequence[dict], name: str, *,
         with frozen(model):
             loss_fn = make_lm_loss(model, tok, chat_template, max_length, _device(model))
             eval_fn = (lambda: {"valid_loss": mean_loss(loss_fn, valid)}) if valid else None
+            wanted = {s for s in snapshot_steps if s < config.steps}
+
+            def snapshot(step: int) -> None:
+                if step in wanted and on_snapshot is not None:
+                    with torch.no_grad():
+                        on_snapshot(step, lora.to_adapter(name), mean_loss(loss_fn, valid) if valid else None)
+
             result = Trainer(dict(lora.named_parameters()), loss_fn, train, config, eval_fn=eval_fn,
-                             modules=[lora], checkpoint_dir=checkpoint_dir, desc=f"lora {name}").fit()
+                             modules=[lora], checkpoint_dir=checkpoint_dir, desc=f"lora {name}",
+                             on_step=snapshot).fit()
         return lora.to_adapter(name), result
     finally:
         lora.detach()

@@ -76,12 +76,14 @@ class Trainer:
     ``modules``: put in train mode while training and eval mode during evaluation (dropout,
     sampling routers). ``eval_fn() -> {metric: value}``. ``checkpoint_dir``: where ``last.*``
     checkpoints go; with ``resume=True`` an existing checkpoint there is continued.
+    ``on_step(step)``: called after every optimiser step (e.g. to keep snapshots of one run).
     """
 
     def __init__(self, params: dict[str, nn.Parameter] | Sequence[nn.Parameter],
                  loss_fn: Callable[[list], Tensor], data: Sequence, config: TrainConfig | None = None, *,
                  eval_fn: Callable[[], dict] | None = None, modules: Sequence[nn.Module] = (),
-                 checkpoint_dir: str | os.PathLike | None = None, desc: str = "train"):
+                 checkpoint_dir: str | os.PathLike | None = None, desc: str = "train",
+                 on_step: Callable[[int], None] | None = None):
         self.params = dict(params) if isinstance(params, dict) else {f"p{i}": p for i, p in enumerate(params)}
         if not self.params:
             raise ValueError("nothing to train: no parameters given")
@@ -89,7 +91,7 @@ class Trainer:
             raise ValueError("no training examples")
         self.loss_fn, self.data = loss_fn, data
         self.config = config or TrainConfig()
-        self.eval_fn, self.modules, self.desc = eval_fn, list(modules), desc
+        self.eval_fn, self.modules, self.desc, self.on_step = eval_fn, list(modules), desc, on_step
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         cfg = self.config
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -143,6 +145,12 @@ class Trainer:
                     self._evaluate()
                 if cfg.checkpoint_every and self.checkpoint_dir is not None and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint(self.checkpoint_dir)
+                if self.on_step is not None:
+                    self._set_mode(False)
+                    try:
+                        self.on_step(self.step)
+                    finally:
+                        self._set_mode(True)
             if self.eval_fn is not None:
                 self._evaluate()
         except KeyboardInterrupt:

@@ -25,8 +25,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-
-from quiver.library import BaseModelRef, Library, LoraAdapter, LoraModule, read_peft_dir, write_peft_dir
+from quiver.library import (
+    BaseModelRef,
+    Library,
+    LoraAdapter,
+    LoraModule,
+    read_peft_dir,
+    write_peft_dir,
+)
 from quiver.tasks import HELD_IN, get_task
 
 from .adapter import train_lora
@@ -50,28 +56,53 @@ def task_seed(name: str) -> int:
 
 
 def build_task_adapters(model, tok, out_dir: str | Path, tasks: Sequence[str] = HELD_IN,
-                        recipe: dict | None = None, progress: bool = True) -> list[Path]:
-    """Train the missing task adapters into ``out_dir/<task>/`` (existing ones are kept)."""
+                        recipe: dict | None = None, progress: bool = True,
+                        snapshots: Sequence[int] = ()) -> list[Path]:
+    """Train the missing task adapters into ``out_dir/<task>/`` (existing ones are kept).
+
+    ``snapshots``: also write each adapter as it is after these steps of the same run into
+    ``out_dir/step-<N>/<task>/`` (with its own ``training.json``): the budgets of a
+    routability-vs-training curve without one run per budget."""
+    return build_group_adapters(model, tok, out_dir, {t: [t] for t in tasks}, recipe, progress, snapshots)
+
+
+def build_group_adapters(model, tok, out_dir: str | Path, groups: dict[str, Sequence[str]],
+                         recipe: dict | None = None, progress: bool = True,
+                         snapshots: Sequence[int] = ()) -> list[Path]:
+    """One adapter per group, trained on the union of its tasks' training examples (the MBC
+    library of the Arrow paper: cluster the task adapters, then train one per cluster), into
+    ``out_dir/<group>/``. A group of one task is that task's adapter. Each task contributes
+    ``n_train`` training and ``n_valid`` validation examples; the seed is ``crc32(group)``."""
     r = {**RECIPE, **(recipe or {})}
     out, done = Path(out_dir), []
-    for i, name in enumerate(tasks):
-        task = get_task(name)
+    for i, (name, members) in enumerate(groups.items()):
         cfg = dataclasses.replace(r["train"], seed=task_seed(name), progress=progress)
         target = out / name
         if (target / "adapter_model.safetensors").is_file():
             done.append(target)
             continue
-        train = [e.to_dict() for e in task.examples("train", r["n_train"])]
-        valid = [e.to_dict() for e in task.examples("validation", r["n_valid"])]
-        print(f"[{i + 1}/{len(tasks)}] training {name} ({cfg.steps} steps)", flush=True)
+        train = [e.to_dict() for t in members for e in get_task(t).examples("train", r["n_train"])]
+        valid = [e.to_dict() for t in members for e in get_task(t).examples("validation", r["n_valid"])]
+        print(f"[{i + 1}/{len(groups)}] training {name} ({cfg.steps} steps, tasks: {', '.join(members)})", flush=True)
         t0 = time.perf_counter()
+        recipe_log = {k: (asdict(v) if isinstance(v, TrainConfig) else v) for k, v in {**r, "train": cfg}.items()}
+
+        def keep(step: int, adapter: LoraAdapter, valid_loss: float | None, name=name, t0=t0,
+                 members=members, recipe_log=recipe_log) -> None:
+            d = out / f"step-{step}" / name
+            write_peft_dir(_bf16(adapter), d)
+            (d / "training.json").write_text(json.dumps(
+                {"task": name, "tasks": list(members), "step": step, "seconds": round(time.perf_counter() - t0, 1),
+                 "valid_loss": valid_loss, "recipe": recipe_log}, indent=1))
+
         adapter, result = train_lora(model, tok, train, name, targets=r["targets"], rank=r["rank"],
-                                     alpha=r["alpha"], config=cfg, valid=valid)
+                                     alpha=r["alpha"], config=cfg, valid=valid, snapshot_steps=snapshots,
+                                     on_snapshot=keep)
         seconds = time.perf_counter() - t0
         write_peft_dir(_bf16(adapter), target)
-        log = {"task": name, "seconds": round(seconds, 1), "valid_loss": result.evals[-1]["valid_loss"],
-               "loss": [round(h["loss"], 4) for h in result.history],
-               "recipe": {k: (asdict(v) if isinstance(v, TrainConfig) else v) for k, v in {**r, "train": cfg}.items()}}
+        log = {"task": name, "tasks": list(members), "step": cfg.steps, "seconds": round(seconds, 1),
+               "valid_loss": result.evals[-1]["valid_loss"],
+               "loss": [round(h["loss"], 4) for h in result.history], "recipe": recipe_log}
         (target / "training.json").write_text(json.dumps(log, indent=1))
         print(f"    {name}: loss {result.history[0]['loss']:.3f} -> {result.final_loss:.3f}, "
               f"valid {log['valid_loss']:.3f}, {seconds:.0f} s", flush=True)
@@ -107,11 +138,43 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Train one LoRA per held-in task (see the module doc).")
     ap.add_argument("--out", type=Path, default=SHIPPED, help="Directory of PEFT adapter dirs.")
     ap.add_argument("--tasks", nargs="*", default=list(HELD_IN), help="Tasks to train (default: all held-in).")
-    ap.add_argument("--steps", type=int, default=RECIPE["train"].steps)
+    ap.add_argument("--clusters", type=Path, help="Train one adapter per cluster instead, on the union of its "
+                    "tasks: a JSON file as `quiver library cluster --out` writes it ({\"clusters\": {id: [tasks]}}).")
+    ap.add_argument("--steps", type=int, default=RECIPE["train"].steps, help="Optimiser steps (default: %(default)s).")
+    ap.add_argument("--lr", type=float, default=RECIPE["train"].lr, help="Peak learning rate (default: %(default)s).")
+    ap.add_argument("--rank", type=int, default=RECIPE["rank"], help="LoRA rank (default: %(default)s).")
+    ap.add_argument("--targets", nargs="+", default=list(RECIPE["targets"]),
+                    help="Projections to adapt (default: %(default)s).")
+    ap.add_argument("--snapshots", nargs="*", type=int, default=[],
+                    help="Also keep each adapter after these steps of the run, in OUT/step-N/<task>.")
     args = ap.parse_args(argv)
+    if any(s <= 0 or s >= args.steps for s in args.snapshots):
+        ap.error(f"--snapshots must lie strictly between 0 and --steps ({args.steps})")
     model, tok = load_base_model("smollm2-135m")
-    recipe = {"train": TrainConfig(**{**asdict(RECIPE["train"]), "steps": args.steps})}
-    build_task_adapters(model, tok, args.out, args.tasks, recipe)
+    recipe = {"train": TrainConfig(**{**asdict(RECIPE["train"]), "steps": args.steps, "lr": args.lr}),
+              "rank": args.rank, "alpha": 2.0 * args.rank, "targets": tuple(args.targets)}
+    if args.clusters is not None:
+        groups = read_clusters(args.clusters)
+        build_group_adapters(model, tok, args.out, groups, recipe, snapshots=args.snapshots)
+    else:
+        build_task_adapters(model, tok, args.out, args.tasks, recipe, snapshots=args.snapshots)
+
+
+def read_clusters(path: str | Path) -> dict[str, list[str]]:
+    """``{"cluster-<id>": [tasks]}`` from a ``quiver library cluster --out`` file (checked)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        clusters = data["clusters"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a clusters file ({{\"clusters\": {{id: [task, ...]}}}}): {e}") from None
+    groups = {}
+    for cid, members in clusters.items():
+        if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
+            raise ValueError(f"{path}: cluster {cid!r} must be a non-empty list of task names")
+        for m in members:
+            get_task(m)  # unknown task -> a clear error
+        groups[f"cluster-{cid}"] = members
+    return groups
 
 
 if __name__ == "__main__":

@@ -36,6 +36,6 @@ def test_trained_task_adapters_beat_the_base_model_when_routed(real_model, tmp_p
     assert set(res["oracle"]["per_task"]) == {"date_iso", "uppercase"} and res["oracle"]["held_out"] is None
     # ten steps teach the ISO date format, which the base model does not follow exactly
     assert res["oracle"]["per_task"]["date_iso"] > res["base"]["per_task"]["date_iso"]
-    share = report["diagnostics"]["arrow-k1"]["own_adapter_share"]
+    share = report["diagnostics"]["arrow-k1"]["own_share"]
     assert 0 <= share <= 1
     assert "| arrow-k1 |" in table(report) and "arrow_within_90pct_of_oracle" not in targets({"base": res["base"]})

@@ -1,0 +1,61 @@
+"""Routing diagnostics: the shares and top-1 hits against their definitions on a tiny model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from quiver.bench.routability import routing_diagnostics, template_prefix_len
+from quiver.library.synthetic import random_adapter
+from quiver.routing import Arrow, Fixed
+from quiver.runtime import RoutedModel
+
+PROMPTS = ["convert the date", "what is two plus two?", "write a query that selects all users please", "four"]
+TASKS = ["a", "b", "c", "a"]
+
+
+@pytest.fixture
+def routed(lib, tiny_spec, tiny_model):
+    for i, name in enumerate("abc"):
+        lib.add(random_adapter(tiny_spec, name, rank=4, seed=i, std=0.3, targets=("q_proj", "v_proj")))
+    lib.embed(kinds=("arrow",), progress=False)
+    rm = RoutedModel(copy.deepcopy(tiny_model), lib, adapters=["a", "b", "c"])
+    yield rm
+    rm.unwrap()
+
+
+def _items(prompts=PROMPTS, tasks=TASKS):
+    return [{"prompt": p, "task": t} for p, t in zip(prompts, tasks)]
+
+
+def test_fixed_weights_give_their_share_and_top1(routed, tiny_tokenizer):
+    rep = routing_diagnostics(routed, tiny_tokenizer, _items(), Fixed({"a": 0.25, "b": 0.75}), batch_size=3)
+    assert rep["random"] == pytest.approx(1 / 2)  # the router chooses among a and b
+    assert rep["per_task"]["a"] == pytest.approx({"own_share": 0.25, "own_share_all": 0.25, "top1_hit": 0.0})
+    assert rep["per_task"]["b"] == pytest.approx({"own_share": 0.75, "own_share_all": 0.75, "top1_hit": 1.0})
+    assert "c" not in rep["per_task"]  # c is not among the router's adapters
+    assert rep["own_share"] == pytest.approx((0.25 + 0.75 + 0.25) / 3)
+    assert rep["top1_hit"] == pytest.approx(1 / 3) and rep["n_prompts"] == 3
+
+
+def test_padded_batches_equal_each_prompt_alone(routed, tiny_tokenizer):
+    """Left padding must not count: a batch's per-prompt figures equal each prompt read alone."""
+    router = Arrow(top_k=2, adapters=["a", "b", "c"])
+    batch = routing_diagnostics(routed, tiny_tokenizer, _items()[:3], router, batch_size=3)
+    for p, t in zip(PROMPTS[:3], TASKS[:3]):
+        alone = routing_diagnostics(routed, tiny_tokenizer, _items([p], [t]), router)
+        assert alone["per_task"][t]["own_share"] == pytest.approx(batch["per_task"][t]["own_share"], abs=1e-5)
+        assert alone["per_task"][t]["top1_hit"] == batch["per_task"][t]["top1_hit"]
+    assert 0 < batch["own_share"] < 1  # Arrow spreads weight: the test can tell shares apart
+
+
+def test_tasks_without_an_adapter_are_skipped_and_none_left_is_an_error(routed, tiny_tokenizer):
+    rep = routing_diagnostics(routed, tiny_tokenizer, _items(tasks=["a", "zz", "b", "zz"]), Fixed({"a": 0.5, "b": 0.5}))
+    assert rep["n_prompts"] == 2 and set(rep["per_task"]) == {"a", "b"}
+    with pytest.raises(ValueError, match="no prompt's task"):
+        routing_diagnostics(routed, tiny_tokenizer, _items(tasks=["zz"] * 4), Fixed({"a": 1.0}))
+
+
+def test_template_prefix_is_counted_from_the_tokenizer(tiny_tokenizer):
+    assert template_prefix_len(tiny_tokenizer) == 0  # no chat template: every token is the user's
