@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+
 from quiver.tasks import get_task
 
 RELATED_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "pcb", "pcb-search")

@@ -35,12 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from quiver.bench.groups import (
-    evaluate_cluster_library,
-    evaluate_merges,
-    merges_table,
-    read_groups,
-)
+
+from quiver.bench.groups import evaluate_cluster_library, evaluate_merges, merges_table, read_groups
 from quiver.library import BaseModelSpec, Library, load_base_model
 from quiver.library.base_model import default_cache_dir
 from quiver.tasks import HELD_IN, HELD_OUT, get_task

@@ -12,13 +12,14 @@ import os
 from collections.abc import Callable, Sequence
 
 import torch
-from quiver.library import LoraAdapter
-from quiver.merging.mos import MoSAdapter, MoSConfig
 from torch import nn
 
+from quiver.library import LoraAdapter
+from quiver.merging.mos import MoSAdapter, MoSConfig
+
 from .data import make_lm_loss, mean_loss
-from .loop import TrainConfig, Trainer, TrainResult
 from .lora import LoraParams
+from .loop import Trainer, TrainConfig, TrainResult
 from .mos import MoSModel
 
 

@@ -25,14 +25,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from quiver.library import (
-    BaseModelRef,
-    Library,
-    LoraAdapter,
-    LoraModule,
-    read_peft_dir,
-    write_peft_dir,
-)
+
+from quiver.library import BaseModelRef, Library, LoraAdapter, LoraModule, read_peft_dir, write_peft_dir
 from quiver.tasks import HELD_IN, get_task
 
 from .adapter import train_lora
