@@ -1,7 +1,13 @@
 """The adapter library: data model, persisted store, embeddings, search, PEFT interop."""
 
 from .adapter import BaseModelRef, LoraAdapter, LoraModule, check_name
-from .base_model import DEFAULT_MODEL, BaseModelSpec, base_model_dir, fingerprint, load_base_model
+from .base_model import (
+    DEFAULT_MODEL,
+    BaseModelSpec,
+    base_model_dir,
+    fingerprint,
+    load_base_model,
+)
 from .blobs import BlobStoreError
 from .errors import (
     AdapterFormatError,
@@ -16,7 +22,8 @@ from .errors import (
 )
 from .index import IndexConfig, VectorIndex
 from .peft_io import read_peft_dir, write_peft_dir
-from .store import AdapterRecord, EmbeddingConfig, Library, VerifyReport
+from .records import AdapterRecord, EmbeddingConfig, VerifyReport
+from .store import Library
 
 __all__ = [
     "AdapterFormatError", "AdapterNotFoundError", "AdapterRecord", "BaseModelRef", "BaseModelSpec",
