@@ -1,13 +1,7 @@
 """The adapter library: data model, persisted store, embeddings, search, PEFT interop."""
 
 from .adapter import BaseModelRef, LoraAdapter, LoraModule, check_name
-from .base_model import (
-    DEFAULT_MODEL,
-    BaseModelSpec,
-    base_model_dir,
-    fingerprint,
-    load_base_model,
-)
+from .base_model import DEFAULT_MODEL, BaseModelSpec, base_model_dir, fingerprint, load_base_model
 from .blobs import BlobStoreError
 from .errors import (
     AdapterFormatError,
