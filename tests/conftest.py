@@ -102,3 +102,17 @@ def peft_adapter_dir(tmp_path, tiny_model):
         return out
 
     return make
+
+
+@pytest.fixture
+def lib6(tmp_path, tiny_spec):
+    """Six random adapters a0..a5 (a5 adapts only q, v and down projections), ranks 2-4."""
+    from quiver.library import Library
+    from quiver.library.synthetic import random_adapter
+
+    with Library.open(tmp_path / "lib", base_model=tiny_spec) as lib:
+        for i in range(6):
+            targets = ("q_proj", "v_proj", "down_proj") if i == 5 else ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                        "gate_proj", "up_proj", "down_proj")
+            lib.add(random_adapter(tiny_spec, f"a{i}", rank=2 + i % 3, seed=i, std=0.15, targets=targets))
+        yield lib
