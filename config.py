@@ -1,5 +1,15 @@
-"""Config composition for the CLI: Hydra's compose API over the packaged ``conf/`` tree, and the
-checks every command's overrides pass before any work (the CLI's boundary).
+"""Config composition for the CLI: Hydra's compose API over the packaged ``conf/`` tree, the
+checks every command's overrides pass before any work (the CLI's boundary), and the builder of
+the ``router`` group.
+
+Each command composes its own primary config (``conf/<command>.yaml``: ``library``,
+``generate``, ``merge``, ``train``, ``serve``), which lists only the groups it uses.
+``conf/config.yaml`` is the Python default (inference: model, library, router, generate, serve).
+
+One dispatch convention: every option of a config group names what builds it with ``_target_``
+(a class or a builder function; Hydra instantiates it). A builder that needs objects only known
+at run time (the library) is marked ``_partial_: true`` and is called with them:
+:func:`build_router` does so for ``router=saved`` (:func:`saved_router`).
 
 Checks: a value's type must match the default's (``generate.max_new_tokens=abc`` is refused, not
 passed on as a string); list keys take lists (``adapters=[a,b]``); counts are positive; the mixture
@@ -13,7 +23,7 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-GROUPS = ("model", "library", "router", "generate", "merge", "output", "train", "adapter")
+GROUPS = ("model", "library", "router", "generate", "serve", "merge", "output", "train", "adapter")
 LIST_KEYS = ("adapters", "weights")  # top-level keys that hold lists (default [] or null)
 POSITIVE = ("generate.max_new_tokens", "generate.batch_size", "library.embed.svd_dims",
             "library.embed.text_batch_size", "library.search.k", "library.cluster.k",
@@ -52,16 +62,16 @@ def _split_top_level_comma(value: str) -> bool:
     return False
 
 
-def compose_checked(overrides: Sequence[str]) -> DictConfig:
+def compose_checked(overrides: Sequence[str], config_name: str = "config") -> DictConfig:
     """:func:`compose`, then the checks of the module docstring; raises one-line errors."""
     for o in overrides:
         key, _, value = o.partition("=")
         if _split_top_level_comma(value):
             raise ConfigValueError(f"{o}: a list is written {key}=[{value}] "
                                    f"(quote it for a string containing commas: {key}='{value}')")
-    cfg = compose(overrides)
+    cfg = compose(overrides, config_name)
     groups = [o for o in overrides if o.partition("=")[0].lstrip("+~") in GROUPS]
-    defaults = compose(groups)
+    defaults = compose(groups, config_name)
     for o in overrides:
         key = o.partition("=")[0].lstrip("+~")
         if key in GROUPS:
@@ -118,3 +128,20 @@ def _check_generate(cfg: DictConfig) -> None:
     if backend == "triton" and not re.match(r"cuda", device):
         raise ConfigValueError(f"generate.backend=triton runs on a CUDA device, not model.device={device}; "
                                "use generate.backend=auto (or grouped/reference) on CPU")
+
+
+def build_router(router_cfg: DictConfig, library):
+    """The router a ``router=`` option describes (see the module docstring for the convention)."""
+    from hydra.utils import instantiate
+
+    built = instantiate(router_cfg)
+    return built(library) if router_cfg.get("_partial_", False) else built
+
+
+def saved_router(library, name: str | None):
+    """``router=saved router.name=NAME``: a router trained by ``quiver train``, from the library."""
+    if not name:
+        raise ValueError("router=saved needs router.name=NAME (see `quiver library show` / Library.artifacts)")
+    from quiver.routing import load_router
+
+    return load_router(library, name)

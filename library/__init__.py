@@ -16,7 +16,8 @@ from .errors import (
 )
 from .index import IndexConfig, VectorIndex
 from .peft_io import read_peft_dir, write_peft_dir
-from .store import AdapterRecord, EmbeddingConfig, Library, VerifyReport
+from .records import AdapterRecord, EmbeddingConfig, VerifyReport
+from .store import Library
 
 __all__ = [
     "AdapterFormatError", "AdapterNotFoundError", "AdapterRecord", "BaseModelRef", "BaseModelSpec",

@@ -8,6 +8,8 @@ config hash); the config hash covers everything the value depends on besides the
 from __future__ import annotations
 
 import hashlib
+import time
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -23,6 +25,20 @@ ARROW_CONFIG = emb.config_hash({"kind": "arrow", "method": "qr+rxr-svd", "v": 1}
 
 class DerivedMixin:
     """Methods of :class:`quiver.library.Library` that compute or use derived data."""
+
+    # -- the cache ---------------------------------------------------------------------------
+    def _derived(self, blob: str, kind: str, config: str) -> bytes | None:
+        row = self._catalog.one("SELECT data FROM derived WHERE blob=? AND kind=? AND config=?", (blob, kind, config))
+        return bytes(row["data"]) if row else None
+
+    def _put_derived(self, items: Iterable[tuple[str, str, str, bytes]]) -> None:
+        if self.read_only:
+            return  # computed for this process only; a read-only library caches nothing
+        now = time.time()
+        with self._write():
+            self._catalog.many("INSERT INTO derived (blob, kind, config, data, created_at) VALUES (?,?,?,?,?) "
+                               "ON CONFLICT (blob, kind, config) DO UPDATE SET data=excluded.data, "
+                               "created_at=excluded.created_at", [(*item, now) for item in items])
 
     # -- arrow ---------------------------------------------------------------------------------
     def arrow_prototypes(self, name: str) -> dict[str, tuple[torch.Tensor, float]]:

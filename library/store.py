@@ -8,8 +8,12 @@ Two deployments, one class (:class:`Library`):
   and the search index on each machine (under ``$QUIVER_CACHE``).
 
 The catalog's database is :mod:`quiver.library.catalog` (SQLite or PostgreSQL: the same SQL),
-the bytes' store is :mod:`quiver.library.blobs` (a directory or S3), derived data (embeddings,
-search) is :mod:`quiver.library.derived`. Everything below is written once for both.
+the bytes' store is :mod:`quiver.library.blobs` (a directory or S3). This module holds opening
+and the adapter rows; the rest of :class:`Library` comes from one mixin per concern:
+:mod:`~quiver.library.blob_refs` (the atomic write path, verified reads, unreferenced blobs),
+:mod:`~quiver.library.artifacts` (routers, MoS pools), :mod:`~quiver.library.derived`
+(embeddings, search, clustering) and :mod:`~quiver.library.integrity` (``verify``); the
+records they return are :mod:`~quiver.library.records`. Everything is written once for both.
 
 Layout of a local library directory::
 
@@ -39,30 +43,34 @@ import os
 import sqlite3
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 
 from .adapter import BaseModelRef, LoraAdapter, check_name
+from .artifacts import ArtifactsMixin
 from .base_model import BaseModelSpec, default_cache_dir
-from .blobs import BlobMissingError, BlobStoreError, open_blob_store, sha256
+from .blob_refs import BlobRefsMixin
+from .blobs import open_blob_store
 from .catalog import Catalog, is_postgres_url, open_catalog
 from .derived import DerivedMixin
 from .errors import (
     AdapterNotFoundError,
     CatalogError,
-    CorruptBlobError,
     DuplicateNameError,
     ReadOnlyLibraryError,
     ValidationError,
 )
 from .index import IndexConfig, VectorIndex
+from .integrity import (
+    CATALOG_FILE,
+    IntegrityMixin,
+    check_catalog_size,
+    damaged_catalog_message,
+)
 from .peft_io import read_peft_dir, write_peft_dir
+from .records import AdapterRecord, EmbeddingConfig, record_from_row, str_list
 from .validate import validate_adapter
 
 # Columns of ``adapters`` in table order (one list for INSERT and UPDATE).
@@ -70,64 +78,9 @@ _ADAPTER_COLUMNS = ("name", "blob", "size", "base_id", "base_fingerprint", "rank
                     "n_modules", "n_params", "description", "examples", "tags", "version", "created_at",
                     "updated_at")
 
-# An unreferenced blob in a shared store is deleted by verify(fix_orphans=True) only when it is
-# older than this: an add on another machine may have put it and not yet committed its row.
-TEAM_ORPHAN_GRACE_S = 3600.0
-_CATALOG = "catalog.sqlite"
 
 
-@dataclass(frozen=True)
-class AdapterRecord:
-    """One catalog row: what ``list``/``info`` return (no tensors)."""
-
-    name: str
-    blob: str
-    size: int
-    base_id: str
-    base_fingerprint: str
-    rank: int
-    alpha: float
-    target_modules: list[str]
-    n_modules: int
-    n_params: int
-    description: str
-    examples: list[str]
-    tags: list[str]
-    version: int
-    created_at: float
-    updated_at: float
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass
-class VerifyReport:
-    checked: int
-    damaged: list[tuple[str, str]]  # (adapter name, problem)
-    orphan_blobs: list[str]
-    removed_orphans: list[str] = field(default_factory=list)  # by fix_orphans (past the grace period)
-    refused: str | None = None  # why ``fix_orphans`` deleted nothing, when it refused
-
-    @property
-    def ok(self) -> bool:
-        return not self.damaged
-
-    def to_dict(self) -> dict:
-        return {"ok": self.ok, "checked": self.checked, "damaged": self.damaged,
-                "orphan_blobs": self.orphan_blobs, "removed_orphans": self.removed_orphans, "refused": self.refused}
-
-
-@dataclass
-class EmbeddingConfig:
-    """How derived data is computed; part of each cache key."""
-
-    svd_keep: float = 0.1  # fraction of weights kept by magnitude before the SVD
-    svd_dims: int = 64
-    text_batch_size: int = 64
-
-
-class Library(DerivedMixin):
+class Library(BlobRefsMixin, DerivedMixin, ArtifactsMixin, IntegrityMixin):
     """LoRA adapters for one base model: a catalog + a blob store. Open with :meth:`open`."""
 
     def __init__(self, path: Path | str, catalog: Catalog, blobs, embed_config: EmbeddingConfig,
@@ -173,9 +126,9 @@ class Library(DerivedMixin):
             path = Path(path)
             if path.exists() and not path.is_dir():
                 raise NotADirectoryError(f"{path} exists and is not a library directory")
-            exists = (path / _CATALOG).is_file()
+            exists = (path / CATALOG_FILE).is_file()
             if exists:
-                _check_catalog_size(path)
+                check_catalog_size(path)
             elif base_model is None and not create:
                 raise FileNotFoundError(f"no library at {path} (create one with Library.open(path, base_model=model) "
                                         f"or `quiver library init -L {path}`)")
@@ -310,8 +263,8 @@ class Library(DerivedMixin):
         spec = self._require_base()
         validate_adapter(adapter, spec)
         given = {"description": description,
-                 "examples": None if examples is None else json.dumps(_str_list(examples, "examples")),
-                 "tags": None if tags is None else json.dumps(_str_list(tags, "tags"))}
+                 "examples": None if examples is None else json.dumps(str_list(examples, "examples")),
+                 "tags": None if tags is None else json.dumps(str_list(tags, "tags"))}
         if not replace and self._row(name) is not None:
             raise DuplicateNameError(f"an adapter named {name!r} already exists")
         data = adapter.to_bytes()
@@ -354,30 +307,6 @@ class Library(DerivedMixin):
         adapter = read_peft_dir(peft_dir, name, BaseModelRef(spec.id, spec.fingerprint))
         return self.add(adapter, name, **kwargs)
 
-    def _commit_blob(self, data: bytes, write_row):
-        """Store ``data`` as a blob and reference it: the one atomic write path.
-
-        Under the blob's lock: the blob is put durably, then ``write_row(digest)`` runs in one
-        transaction; it returns ``(result, replaced_blob_or_None)``. If it raises, the blob is
-        deleted again unless something references it. A replaced blob is deleted afterwards if
-        nothing references it any more.
-        """
-        digest = sha256(data)
-        with self._catalog.blob_lock(digest):
-            self._blobs.put(digest, data)
-            try:
-                with self._write():
-                    result, replaced = write_row(digest)
-            except BaseException:
-                try:  # a refused write (e.g. a name another writer took first) leaves no blob behind
-                    self._drop_blob_if_unused(digest)
-                except Exception:  # noqa: BLE001 -- then verify finds the orphan; the first error is the one to see
-                    pass
-                raise
-        if replaced is not None and replaced != digest:
-            self._drop_blob_if_unused(replaced)
-        return result
-
     # -- reading --------------------------------------------------------------------------------
     def _row(self, name: str) -> dict | None:
         return self._catalog.one("SELECT * FROM adapters WHERE name=?", (name,))
@@ -386,7 +315,7 @@ class Library(DerivedMixin):
         row = self._row(name)
         if row is None:
             raise AdapterNotFoundError(self._not_found(name))
-        return _record(row)
+        return record_from_row(row)
 
     def _not_found(self, name: str) -> str:
         names = self.names()
@@ -394,7 +323,7 @@ class Library(DerivedMixin):
         return f"no adapter named {name!r} in {self.path}{hint}"
 
     def list(self, tag: str | None = None) -> list[AdapterRecord]:
-        records = [_record(r) for r in self._catalog.all("SELECT * FROM adapters ORDER BY name")]
+        records = [record_from_row(r) for r in self._catalog.all("SELECT * FROM adapters ORDER BY name")]
         return [r for r in records if tag is None or tag in r.tags]
 
     def names(self) -> list[str]:
@@ -420,19 +349,6 @@ class Library(DerivedMixin):
         rec = self.info(name)
         return LoraAdapter.from_bytes(self._read_blob(rec.blob, name), name)
 
-    def _read_blob(self, digest: str, name: str) -> bytes:
-        try:
-            data = self._blobs.get(digest)
-        except BlobMissingError:
-            raise CorruptBlobError(f"adapter {name!r}: blob {digest[:12]} is missing "
-                                   f"from {self._blobs.location}") from None
-        except BlobStoreError as e:
-            raise CorruptBlobError(f"adapter {name!r}: {e}") from None
-        if sha256(data) != digest:
-            raise CorruptBlobError(f"adapter {name!r}: blob {digest[:12]} is damaged (hash mismatch) "
-                                   f"in {self._blobs.location}")
-        return data
-
     def export_peft(self, name: str, out_dir: str | os.PathLike, overwrite: bool = False, *,
                     hint: str = "overwrite=True") -> Path:
         """Write adapter ``name`` as a PEFT LoRA directory (never into or over this library:
@@ -452,18 +368,6 @@ class Library(DerivedMixin):
             self._bump_generation()
         self._drop_blob_if_unused(row["blob"])
 
-    def _drop_blob_if_unused(self, digest: str) -> bool:
-        """Delete a blob and its derived data if no row references it; True if deleted."""
-        with self._catalog.blob_lock(digest):
-            with self._write():
-                used = self._catalog.one("SELECT 1 AS x FROM adapters WHERE blob=? UNION ALL "
-                                         "SELECT 1 AS x FROM artifacts WHERE blob=? LIMIT 1", (digest, digest))
-                if used:
-                    return False
-                self._catalog.execute("DELETE FROM derived WHERE blob=?", (digest,))
-            self._blobs.delete(digest)
-        return True
-
     def rename(self, old: str, new: str) -> None:
         check_name(new)
         cat = self._catalog
@@ -478,7 +382,7 @@ class Library(DerivedMixin):
 
     def tag(self, name: str, *tags: str, remove: bool = False) -> list[str]:
         """Add (or with ``remove=True`` drop) tags; returns the adapter's tags."""
-        tags_in = _str_list(tags, "tags")
+        tags_in = str_list(tags, "tags")
         cat = self._catalog
         with self._write():
             row = cat.one("SELECT tags FROM adapters WHERE name=?" + cat.for_update, (name,))
@@ -498,153 +402,11 @@ class Library(DerivedMixin):
             if row is None:
                 raise AdapterNotFoundError(self._not_found(name))
             desc = row["description"] if description is None else description
-            ex = row["examples"] if examples is None else json.dumps(_str_list(examples, "examples"))
+            ex = row["examples"] if examples is None else json.dumps(str_list(examples, "examples"))
             cat.execute("UPDATE adapters SET description=?, examples=?, updated_at=? WHERE name=?",
                         (desc, ex, time.time(), name))
             self._bump_generation()
         return self.info(name)
-
-    # -- integrity --------------------------------------------------------------------------------
-    def verify(self, *, fix_orphans: bool = False, orphan_grace_s: float | None = None) -> VerifyReport:
-        """Re-hash every referenced blob; list damaged adapters and unreferenced blobs.
-
-        With ``fix_orphans=True`` unreferenced blobs are deleted, but only those older than
-        ``orphan_grace_s`` (default: 0 for a local library, whose file lock excludes an add in
-        flight; :data:`TEAM_ORPHAN_GRACE_S` for a shared store, where another machine may have
-        put a blob and not yet committed its row). Each deletion re-checks, under the blob's
-        lock, that nothing references the blob. It also deletes the temp files of writers that
-        are gone (their process has exited, or they are over an hour old). It never deletes blobs
-        while the catalog looks damaged (SQLite's ``quick_check`` fails: :class:`CatalogError`) or
-        references nothing at all while blobs exist: then ``refused`` says why and every blob stays.
-        """
-        if isinstance(self._catalog.connection if hasattr(self._catalog, "connection") else None, sqlite3.Connection):
-            try:
-                problems = [r["quick_check"] for r in self._catalog.all("PRAGMA quick_check")]
-            except sqlite3.DatabaseError as e:
-                problems = [str(e)]
-            if problems != ["ok"]:
-                raise CatalogError(damaged_catalog_message(self.path, "; ".join(problems[:3])))
-        damaged: list[tuple[str, str]] = []
-        records = self.list()
-        for rec in records:
-            try:
-                LoraAdapter.from_bytes(self._read_blob(rec.blob, rec.name), rec.name)
-            except Exception as e:  # noqa: BLE001 -- every failure is reported, none raised
-                damaged.append((rec.name, str(e)))
-        grace = orphan_grace_s if orphan_grace_s is not None else (
-            0.0 if self._blobs.is_local else TEAM_ORPHAN_GRACE_S)
-        stored = self._blobs.list()  # listed before the references are read: a blob added since is referenced
-        referenced = {r["blob"] for r in self._catalog.all("SELECT blob FROM adapters UNION SELECT blob FROM artifacts")}
-        orphans = sorted(b.digest for b in stored if b.digest not in referenced)
-        removed, refused = [], None
-        if fix_orphans and orphans and not referenced:
-            refused = (f"not deleting {len(orphans)} unreferenced blob(s): the catalog references no blob at "
-                       "all, which looks like a lost or replaced catalog; restore the catalog from a "
-                       "backup, or remove the blobs by hand if the library really is empty")
-        elif fix_orphans:
-            self._check_writable()
-            ages = {b.digest: b.age_s for b in stored}
-            removed = [d for d in orphans if ages[d] >= grace and self._drop_blob_if_unused(d)]
-        if fix_orphans:
-            self._blobs.clean_tmp(older_than_s=3600)  # temp files of adds whose writer is gone
-        return VerifyReport(checked=len(records), damaged=damaged, orphan_blobs=orphans, removed_orphans=removed,
-                            refused=refused)
-
-    # -- artifacts (trained routers, shard pools, ...) ------------------------------------------------
-    def put_artifact(self, kind: str, name: str, tensors: dict[str, torch.Tensor], config: dict,
-                     adapters: Sequence[str] = ()) -> int:
-        """Store named tensors + a JSON config as artifact ``(kind, name)``; returns its version.
-
-        Stored like adapters (content-addressed safetensors blob, atomic, never unpickled);
-        ``adapters`` records which adapters the artifact belongs to (e.g. a router's experts).
-        Storing the same (kind, name) again makes a new version.
-        """
-        check_name(kind), check_name(name)
-        data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                       metadata={"quiver-artifact": json.dumps({"kind": kind, "config": config}, sort_keys=True)})
-        cat = self._catalog
-
-        def write_row(digest: str):
-            old = cat.one("SELECT blob, version FROM artifacts WHERE kind=? AND name=?" + cat.for_update, (kind, name))
-            cat.execute("INSERT INTO artifacts (kind, name, blob, config, adapters, version, created_at) "
-                        "VALUES (?,?,?,?,?,1,?) ON CONFLICT (kind, name) DO UPDATE SET blob=excluded.blob, "
-                        "config=excluded.config, adapters=excluded.adapters, created_at=excluded.created_at, "
-                        "version=artifacts.version + 1",
-                        (kind, name, digest, json.dumps(config, sort_keys=True), json.dumps(list(adapters)),
-                         time.time()))
-            version = cat.one("SELECT version FROM artifacts WHERE kind=? AND name=?", (kind, name))["version"]
-            return version, old["blob"] if old else None
-
-        return self._commit_blob(data, write_row)
-
-    def get_artifact(self, kind: str, name: str) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
-        """``(tensors, config, adapters)`` of artifact ``(kind, name)``, verified by hash."""
-        row = self._catalog.one("SELECT * FROM artifacts WHERE kind=? AND name=?", (kind, name))
-        if row is None:
-            have = [r["name"] for r in self._catalog.all("SELECT name FROM artifacts WHERE kind=?", (kind,))]
-            raise AdapterNotFoundError(f"no {kind} artifact named {name!r} in {self.path} (have: {have})")
-        tensors = st_load(self._read_blob(row["blob"], f"{kind}/{name}"))
-        return tensors, json.loads(row["config"]), json.loads(row["adapters"])
-
-    def artifacts(self, kind: str | None = None) -> list[dict]:
-        sql = "SELECT kind, name, version, adapters, created_at FROM artifacts"
-        rows = (self._catalog.all(sql + " ORDER BY kind, name") if kind is None
-                else self._catalog.all(sql + " WHERE kind=? ORDER BY kind, name", (kind,)))
-        return [dict(r) | {"adapters": json.loads(r["adapters"])} for r in rows]
-
-    def remove_artifact(self, kind: str, name: str) -> None:
-        cat = self._catalog
-        with self._write():
-            row = cat.one("SELECT blob FROM artifacts WHERE kind=? AND name=?" + cat.for_update, (kind, name))
-            if row is None:
-                raise AdapterNotFoundError(f"no {kind} artifact named {name!r} in {self.path}")
-            cat.execute("DELETE FROM artifacts WHERE kind=? AND name=?", (kind, name))
-        self._drop_blob_if_unused(row["blob"])
-
-    # -- derived data --------------------------------------------------------------------------------
-    def _derived(self, blob: str, kind: str, config: str) -> bytes | None:
-        row = self._catalog.one("SELECT data FROM derived WHERE blob=? AND kind=? AND config=?", (blob, kind, config))
-        return bytes(row["data"]) if row else None
-
-    def _put_derived(self, items: Iterable[tuple[str, str, str, bytes]]) -> None:
-        if self.read_only:
-            return  # computed for this process only; a read-only library caches nothing
-        now = time.time()
-        with self._write():
-            self._catalog.many("INSERT INTO derived (blob, kind, config, data, created_at) VALUES (?,?,?,?,?) "
-                               "ON CONFLICT (blob, kind, config) DO UPDATE SET data=excluded.data, "
-                               "created_at=excluded.created_at", [(*item, now) for item in items])
-
-
-def _record(row: dict) -> AdapterRecord:
-    d = dict(row)
-    for key in ("target_modules", "examples", "tags"):
-        d[key] = json.loads(d[key])
-    return AdapterRecord(**d)
-
-
-def _str_list(values: Sequence[str] | str, what: str) -> list[str]:
-    if isinstance(values, str):
-        values = [values]
-    values = list(values)
-    if not all(isinstance(v, str) for v in values):
-        raise ValidationError(f"{what} must be strings")
-    return values
-
-
-def damaged_catalog_message(path, problem) -> str:
-    return (f"the catalog {Path(path) / _CATALOG} is damaged ({problem}); the adapters' bytes in "
-            f"{Path(path) / 'blobs'} are untouched: restore catalog.sqlite from a backup, or move it aside, run "
-            f"`quiver library init -L {path}` and add the adapters again")
-
-
-def _check_catalog_size(path: Path) -> None:
-    """A 0-byte catalog beside stored blobs was truncated or lost: refuse to treat it as empty."""
-    if (path / _CATALOG).stat().st_size == 0:
-        blobs = sum(1 for _ in (path / "blobs").glob("*/*"))
-        if blobs:
-            raise CatalogError(damaged_catalog_message(path, f"it is empty (0 bytes) while blobs/ holds "
-                                                             f"{blobs} blob(s)"))
 
 
 def _writable(path: Path) -> bool:

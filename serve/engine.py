@@ -41,6 +41,8 @@ removed, as soon as no running request routes over a removed one — new request
 queue meanwhile. So a removed adapter serves the requests already using it and is chosen by
 no request admitted after.
 
+The requests themselves (and how a token is drawn) are :mod:`quiver.serve.requests`.
+
 **Shutdown.** ``stop()`` (after the HTTP side stopped accepting) lets the loop finish every
 queued and running request, then the thread exits.
 """
@@ -53,7 +55,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -63,49 +64,11 @@ from quiver.runtime import RoutedModel
 
 from .errors import ApiError, bad_request
 from .metrics import Metrics
-from .routing import Catalog, RouterCache, RouteSpec, RowWeights
+from .requests import Request, Sampling, adapters_used, sample_token  # noqa: F401 -- Request, Sampling: public here too
 from .text import TextState
+from .routing import Catalog, RouterCache, RowWeights
 
 log = logging.getLogger("quiver.serve")
-
-
-@dataclass
-class Sampling:
-    max_tokens: int
-    temperature: float = 0.0  # 0: greedy (argmax)
-    top_p: float = 1.0
-    seed: int | None = None
-    stops: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-
-
-@dataclass
-class Request:
-    """One completion; ``emit`` delivers events to the HTTP side (from the engine thread):
-    ``("text", delta)``, ``("done", result dict)`` or ``("error", ApiError)``."""
-
-    spec: RouteSpec
-    prompt_ids: list[int]
-    route_text: str  # what retrieval embeds
-    sampling: Sampling
-    emit: Callable[[tuple], None]
-    trace: bool = True  # report routing shares (costs a trace of every step)
-    cancelled: bool = False
-    # engine state
-    router: object = None  # the Router serving it, or None when ``fixed`` weights do
-    fixed: dict | None = None  # {adapter: weight}, served by the engine's RowWeights router
-    text: TextState | None = None
-    generated: int = 0
-    n_ctx: int = 0  # positions in this request's cache = position of its next token
-    last: int = 0
-    kv: list | None = None  # its own cache after prefill, until it joins the batch
-    shares: dict = field(default_factory=dict)  # adapter -> routing weight × tokens
-    t_submit: float = field(default_factory=time.perf_counter)
-    t_first: float | None = None
-    generator: torch.Generator | None = None
-
-    def cancel(self) -> None:
-        self.cancelled = True
 
 
 class Engine:
@@ -259,7 +222,7 @@ class Engine:
         if not (self._pending_rebuild or too_many):
             return
         live = self.catalog.adapters
-        if any(set(_uses(r)) - live for r in self.running):
+        if any(set(adapters_used(r)) - live for r in self.running):
             return  # a running request routes over a removed adapter: wait for it to finish
         self.rm.unwrap()
         self.rm = RoutedModel(self.model, self.library, router=self._default_factory(), capacity=self.capacity,
@@ -362,7 +325,7 @@ class Engine:
 
     def _accept(self, req: Request, logits: torch.Tensor) -> bool:
         """Sample the next token of ``req``; emit text; False when the request finished."""
-        token = _sample(logits, req.sampling, req.generator)
+        token = sample_token(logits, req.sampling, req.generator)
         req.generated += 1
         req.last = token
         if req.t_first is None:
@@ -446,13 +409,6 @@ class Engine:
             self._drop(done)
 
 
-def _uses(req: Request) -> list[str]:
-    """The adapters a running request may route to."""
-    if req.fixed is not None:
-        return list(req.fixed)
-    return list(getattr(req.router, "adapters", None) or [])
-
-
 def _layers(out) -> list[tuple[torch.Tensor, torch.Tensor]]:
     cache = getattr(out, "cache", None)
     if cache is None:
@@ -462,17 +418,3 @@ def _layers(out) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def _lpad(t: torch.Tensor, n: int) -> torch.Tensor:  # t: [b, H, L, D] -> [b, H, n + L, D]
     return F.pad(t, (0, 0, n, 0)) if n else t
-
-
-def _sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:  # logits: [V]
-    """Greedy (``temperature == 0``) or a draw from softmax(logits / T) cut to the top-p nucleus
-    (the smallest set of most likely tokens whose probability reaches ``top_p``)."""
-    logits = logits.float()
-    if s.temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / s.temperature, dim=-1)
-    if s.top_p < 1.0:
-        p, order = probs.sort(descending=True)
-        keep = p.cumsum(0) - p < s.top_p  # a token stays if the mass before it is below top_p
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], p[keep])
-    return int(torch.multinomial(probs.cpu(), 1, generator=gen))

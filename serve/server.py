@@ -31,24 +31,16 @@ class _DrainingServer(uvicorn.Server):
 def build_engine(cfg, library) -> tuple[Engine, object]:
     """The engine for composed config ``cfg`` (model, router, serve) over an open library."""
     import torch
-    from hydra.utils import instantiate
 
+    from quiver.config import build_router
     from quiver.library import load_base_model
 
     model, tok = load_base_model(cfg.model.name, cache_dir=cfg.model.cache_dir,
                                  dtype=getattr(torch, cfg.model.dtype), device=cfg.model.device)
-    if cfg.router.get("kind") == "saved":
-        if not cfg.router.name:
-            raise ValueError("router=saved needs router.name=NAME")
-        name = cfg.router.name
 
-        def default_router():
-            from quiver.routing import load_router
+    def default_router():
+        return build_router(cfg.router, library)
 
-            return load_router(library, name)
-    else:
-        def default_router():
-            return instantiate(cfg.router)
     s = cfg.serve
     engine = Engine(model, tok, library, default_router=default_router, max_batch_tokens=s.max_batch_tokens,
                     max_batch_size=s.max_batch_size, max_queue=s.max_queue, refresh_s=s.refresh_s,

@@ -7,6 +7,10 @@ adapter can help: ``date_us`` ~ ``date_iso``, ``lowercase`` ~ ``uppercase``,
 Every task is a ``sample`` function (a seeded rng -> an input string) and a ``solve`` function
 (input string -> answer) written from the input text alone. Inputs stay under ~25 words and
 answers under ~10 tokens.
+
+A data table, not logic: one short ``sample``/``solve`` pair per task, kept together in one
+module (its length is the number of tasks, not the size of an idea) so that the whole suite reads
+and diffs in one place; the machinery is :mod:`quiver.tasks.base` and :mod:`quiver.tasks.metrics`.
 """
 
 from __future__ import annotations

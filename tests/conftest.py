@@ -102,3 +102,32 @@ def peft_adapter_dir(tmp_path, tiny_model):
         return out
 
     return make
+
+
+@pytest.fixture
+def random_lib(tmp_path, tiny_spec):
+    """Factory: a library of ``n`` random adapters a0..a{n-1} (std 0.15) on every projection,
+    the last one on q, v and down projections only; ``rank(i)`` gives adapter i's rank."""
+    from quiver.library import Library
+    from quiver.library.synthetic import random_adapter
+
+    opened = []
+
+    def make(n: int, rank=lambda i: 2):
+        lib = Library.open(tmp_path / "lib", base_model=tiny_spec)
+        opened.append(lib)
+        for i in range(n):
+            targets = ("q_proj", "v_proj", "down_proj") if i == n - 1 else ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                            "gate_proj", "up_proj", "down_proj")
+            lib.add(random_adapter(tiny_spec, f"a{i}", rank=rank(i), seed=i, std=0.15, targets=targets))
+        return lib
+
+    yield make
+    for lib in opened:
+        lib.close()
+
+
+@pytest.fixture
+def lib6(random_lib):
+    """Six random adapters a0..a5 of ranks 2-4 (a5 adapts only q, v and down projections)."""
+    return random_lib(6, rank=lambda i: 2 + i % 3)

@@ -1,5 +1,12 @@
 """`quiver train` jobs: a composed config in, a trained router or adapter stored in the library.
 
+What to train is the config's choice, never the command line's spelling: ``conf/train.yaml``
+defaults both ``router`` and ``adapter`` to null and exactly one must be chosen. Each option of
+``conf/adapter/`` names its job class with ``_target_`` (:class:`LoraJob`, :class:`MoSJob`,
+:class:`MHRJob`, :class:`MHRMuJob`); a router option is trained by :class:`RouterJob`. A job
+says what it stores (``stores``: an adapter, or an artefact kind) and ``run``s on a
+:class:`JobInputs`.
+
 Everything is checked before the (long) training starts: the data files parse, the name is
 valid and free (unless ``replace=true``), the adapters exist, the router is trainable. The
 library is written only after training succeeded, so a failed or interrupted run leaves it as
@@ -9,6 +16,9 @@ it was (with ``train.checkpoint_dir``, a rerun resumes).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -20,7 +30,126 @@ from .adapter import train_lora, train_mos
 from .data import read_examples
 from .loop import TrainConfig, TrainResult
 
-ADAPTER_KINDS = ("lora", "mos", "mhr", "mhr_mu")
+WHAT = "say what to train: router=moe|mhr|poly or adapter=lora|mos|mhr|mhr_mu"
+
+
+@dataclass
+class JobInputs:
+    """What every job gets: the model, the library, the result's name and the examples."""
+
+    model: Any
+    tok: Any
+    lib: Library
+    name: str
+    train: list[dict]
+    common: dict  # config, valid, chat_template, max_length, checkpoint_dir (the loop's keywords)
+    description: str = ""
+    replace: bool = False
+    adapters: list[str] = field(default_factory=list)  # the library adapters the result is made of
+
+
+@dataclass
+class LoraJob:
+    """``adapter=lora``: one LoRA, registered as an adapter."""
+
+    targets: Sequence[str] = ("q_proj", "v_proj")
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    stores: ClassVar[str] = "adapter"
+
+    def run(self, job: JobInputs) -> tuple[dict, TrainResult]:
+        adapter, result = train_lora(job.model, job.tok, job.train, job.name, targets=list(self.targets),
+                                     rank=self.rank, alpha=self.alpha, dropout=self.dropout, **job.common)
+        rec = _register(job, adapter)
+        return {"adapter": rec.name, "version": rec.version, "rank": rec.rank}, result
+
+
+class MoSJob:
+    """``adapter=mos``: a MoS adapter (shard pools), stored as a ``"mos"`` artefact."""
+
+    stores: ClassVar[str] = "mos"
+
+    def __init__(self, targets: Sequence[str] = ("q_proj", "v_proj"), **mos):
+        self.targets = list(targets)
+        self.mos = MoSConfig(**mos)  # every other key is a MoSConfig field
+
+    def run(self, job: JobInputs) -> tuple[dict, TrainResult]:
+        mos, result = train_mos(job.model, job.tok, job.train, job.name, mos=self.mos, targets=self.targets,
+                                **job.common)
+        return {"mos": job.name, "version": save_mos(job.lib, job.name, mos),
+                "parameters": mos.num_parameters()}, result
+
+
+@dataclass
+class MHRJob:
+    """``adapter=mhr``: multi-task pre-training of a skill inventory (adapters NAME-0..) and its
+    routing logits (the router artefact NAME); the data needs "task"."""
+
+    skills: int = 4
+    n_splits: int = 1
+    rank: int = 8
+    alpha: float = 16.0
+    targets: Sequence[str] = ("q_proj", "v_proj")
+    temperature: float = 1.0
+    stores: ClassVar[str] = "router"
+
+    def run(self, job: JobInputs) -> tuple[dict, TrainResult]:
+        from .mhr import mhr_pretrain
+
+        router, result = mhr_pretrain(job.model, job.tok, job.train, job.lib, skills=self.skills,
+                                      n_splits=self.n_splits, rank=self.rank, alpha=self.alpha,
+                                      targets=list(self.targets), temperature=self.temperature,
+                                      name_prefix=job.name, router_name=job.name, replace=job.replace,
+                                      **job.common)
+        return {"router": job.name, "skills": router.adapters}, result
+
+
+@dataclass
+class MHRMuJob:
+    """``adapter=mhr_mu``: average the skills ``adapters=[...]`` into one LoRA and fine-tune it."""
+
+    stores: ClassVar[str] = "adapter"
+
+    def run(self, job: JobInputs) -> tuple[dict, TrainResult]:
+        from .mhr import mhr_mu
+
+        if not job.adapters:
+            raise ValueError("adapter=mhr_mu averages skills: name them with adapters=[a,b,...]")
+        adapter, result = mhr_mu(job.model, job.tok, job.lib, job.adapters, job.train, job.name, **job.common)
+        rec = _register(job, adapter)
+        return {"adapter": rec.name, "version": rec.version, "from_skills": job.adapters}, result
+
+
+@dataclass
+class RouterJob:
+    """``router=moe|mhr|poly``: train a learned router over library adapters, saved as an artefact."""
+
+    router_cfg: DictConfig
+    stores: ClassVar[str] = "router"
+
+    def run(self, job: JobInputs) -> tuple[dict, TrainResult]:
+        from hydra.utils import instantiate
+
+        from quiver.routing import LearnedRouter, save_router
+        from quiver.runtime import RoutedModel
+
+        from .router import train_router
+
+        router_cfg = self.router_cfg
+        if "tasks" in router_cfg and not router_cfg.tasks:  # per-task routers: the tasks of the data
+            tasks = sorted({ex.get("task") for ex in job.train} - {None})
+            if not tasks:
+                raise ValueError(f"router={router_cfg._target_.rsplit('.', 1)[-1]} needs a \"task\" field in the data")
+            router_cfg = OmegaConf.merge(router_cfg, {"tasks": tasks})
+        router = instantiate(router_cfg)
+        if not isinstance(router, LearnedRouter):
+            raise ValueError(f"{type(router).__name__} learns nothing; train router=moe, mhr or poly")
+        rm = RoutedModel(job.model, job.lib, router=router, adapters=job.adapters or None)
+        result = train_router(rm, router, job.tok, job.train, **job.common)
+        version = save_router(job.lib, job.name, router)
+        return {"router": job.name, "type": type(router).__name__, "version": version,
+                "adapters": router.adapters}, result
 
 
 def train_config(cfg: DictConfig) -> TrainConfig:
@@ -28,8 +157,19 @@ def train_config(cfg: DictConfig) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in OmegaConf.to_container(cfg.train).items() if k in fields})
 
 
-def run_train_job(cfg: DictConfig, lib: Library, what: str) -> dict:
-    """Train what ``cfg`` describes (``what``: "adapter" or "router"); returns a summary."""
+def build_job(cfg: DictConfig):
+    """The job ``cfg`` (``conf/train.yaml``) chooses: exactly one of ``router=`` / ``adapter=``."""
+    from hydra.utils import instantiate
+
+    router_cfg, adapter_cfg = cfg.get("router"), cfg.get("adapter")
+    if (router_cfg is None) == (adapter_cfg is None):
+        raise ValueError(WHAT)
+    return RouterJob(router_cfg) if router_cfg is not None else instantiate(adapter_cfg)
+
+
+def run_train_job(cfg: DictConfig, lib: Library) -> dict:
+    """Train what ``cfg`` describes; returns a summary (the result's name, version, losses)."""
+    job = build_job(cfg)
     if not cfg.data:
         raise ValueError("give the training examples: data=path.jsonl")
     if not cfg.name:
@@ -38,83 +178,30 @@ def run_train_job(cfg: DictConfig, lib: Library, what: str) -> dict:
     train = read_examples(cfg.data)
     valid = read_examples(cfg.valid) if cfg.valid else []
     tcfg = train_config(cfg)
-    kind = cfg.adapter.kind if what == "adapter" else None
-    if what == "adapter" and kind not in ADAPTER_KINDS:
-        raise ValueError(f"unknown adapter kind {kind!r}; valid: {', '.join(ADAPTER_KINDS)}")
-    _check_free(lib, name, kind or "router", cfg.replace)
+    _check_free(lib, name, job.stores, cfg.replace)
     model, tok = load_base_model(cfg.model.name, cache_dir=cfg.model.cache_dir,
                                  dtype=getattr(torch, cfg.model.dtype), device=cfg.model.device)
     common = dict(config=tcfg, valid=valid, chat_template=cfg.train.chat_template,
                   max_length=cfg.train.max_length, checkpoint_dir=cfg.train.checkpoint_dir)
-    if what == "router":
-        summary, result = _train_router(cfg, lib, model, tok, name, train, common)
-    elif kind == "lora":
-        a = cfg.adapter
-        adapter, result = train_lora(model, tok, train, name, targets=list(a.targets), rank=a.rank,
-                                     alpha=a.alpha, dropout=a.dropout, **common)
-        rec = lib.add(adapter, name, description=cfg.description, examples=_examples(train),
-                      tags=["trained"], replace=cfg.replace)
-        summary = {"adapter": rec.name, "version": rec.version, "rank": rec.rank}
-    elif kind == "mos":
-        a = OmegaConf.to_container(cfg.adapter)
-        a.pop("kind")
-        targets = a.pop("targets")
-        mos, result = train_mos(model, tok, train, name, mos=MoSConfig(**a), targets=targets, **common)
-        summary = {"mos": name, "version": save_mos(lib, name, mos), "parameters": mos.num_parameters()}
-    else:
-        summary, result = _train_mhr(cfg, lib, model, tok, name, kind, train, common)
+    inputs = JobInputs(model, tok, lib, name, train, common, description=cfg.description, replace=cfg.replace,
+                       adapters=list(cfg.adapters or []))
+    summary, result = job.run(inputs)
     return {**summary, **_losses(result)}
 
 
-def _train_router(cfg, lib, model, tok, name, train, common) -> tuple[dict, TrainResult]:
-    from hydra.utils import instantiate
-
-    from quiver.routing import LearnedRouter, save_router
-    from quiver.runtime import RoutedModel
-
-    from .router import train_router
-
-    router_cfg = cfg.router
-    if "tasks" in router_cfg and not router_cfg.tasks:  # per-task routers: the tasks of the data
-        tasks = sorted({ex.get("task") for ex in train} - {None})
-        if not tasks:
-            raise ValueError(f"router={cfg.router._target_.rsplit('.', 1)[-1]} needs a \"task\" field in the data")
-        router_cfg = OmegaConf.merge(router_cfg, {"tasks": tasks})
-    router = instantiate(router_cfg)
-    if not isinstance(router, LearnedRouter):
-        raise ValueError(f"{type(router).__name__} learns nothing; train router=moe, mhr or poly")
-    rm = RoutedModel(model, lib, router=router, adapters=list(cfg.adapters) or None)
-    result = train_router(rm, router, tok, train, **common)
-    version = save_router(lib, name, router)
-    return {"router": name, "type": type(router).__name__, "version": version, "adapters": router.adapters}, result
+def _register(job: JobInputs, adapter):
+    return job.lib.add(adapter, job.name, description=job.description, examples=_examples(job.train),
+                       tags=["trained"], replace=job.replace)
 
 
-def _train_mhr(cfg, lib, model, tok, name, kind, train, common) -> tuple[dict, TrainResult]:
-    from .mhr import mhr_mu, mhr_pretrain
-
-    a = cfg.adapter
-    if kind == "mhr":
-        router, result = mhr_pretrain(model, tok, train, lib, skills=a.skills, n_splits=a.n_splits,
-                                      rank=a.rank, alpha=a.alpha, targets=list(a.targets),
-                                      temperature=a.temperature, name_prefix=name, router_name=name,
-                                      replace=cfg.replace, **common)
-        return {"router": name, "skills": router.adapters}, result
-    if not cfg.adapters:
-        raise ValueError("adapter=mhr_mu averages skills: name them with adapters=[a,b,...]")
-    adapter, result = mhr_mu(model, tok, lib, list(cfg.adapters), train, name, **common)
-    rec = lib.add(adapter, name, description=cfg.description, examples=_examples(train), tags=["trained"],
-                  replace=cfg.replace)
-    return {"adapter": rec.name, "version": rec.version, "from_skills": list(cfg.adapters)}, result
-
-
-def _check_free(lib: Library, name: str, kind: str, replace: bool) -> None:
+def _check_free(lib: Library, name: str, stores: str, replace: bool) -> None:
     if replace:
         return
-    if kind in ("lora", "mhr_mu") and name in lib.names():
-        raise DuplicateNameError(f"an adapter named {name!r} already exists (replace=true makes a new version)")
-    artefact = {"router": "router", "mhr": "router", "mos": "mos"}.get(kind)
-    if artefact and any(r["name"] == name for r in lib.artifacts(artefact)):
-        raise DuplicateNameError(f"a {artefact} named {name!r} already exists (replace=true makes a new version)")
+    if stores == "adapter":
+        if name in lib.names():
+            raise DuplicateNameError(f"an adapter named {name!r} already exists (replace=true makes a new version)")
+    elif any(r["name"] == name for r in lib.artifacts(stores)):
+        raise DuplicateNameError(f"a {stores} named {name!r} already exists (replace=true makes a new version)")
 
 
 def _examples(train: list[dict], n: int = 5) -> list[str]:

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from quiver import Library, RoutedModel
+from quiver import RoutedModel
 from quiver.library import ValidationError
 from quiver.library.synthetic import random_adapter
 from quiver.routing import MoEGate, RoutingSite, load_router, save_router
@@ -22,14 +22,9 @@ K1 = "model.layers.1.self_attn.k_proj"
 
 
 @pytest.fixture
-def lib4(tmp_path, tiny_spec):
+def lib4(random_lib):
     """Four adapters; a3 has no k_proj/o_proj/gate_proj/up_proj."""
-    with Library.open(tmp_path / "lib", base_model=tiny_spec) as lib:
-        for i in range(4):
-            targets = ("q_proj", "v_proj", "down_proj") if i == 3 else ("q_proj", "k_proj", "v_proj", "o_proj",
-                                                                        "gate_proj", "up_proj", "down_proj")
-            lib.add(random_adapter(tiny_spec, f"a{i}", rank=2, seed=i, std=0.15, targets=targets))
-        yield lib
+    return random_lib(4)
 
 
 @pytest.fixture

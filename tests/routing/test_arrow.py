@@ -1,4 +1,5 @@
-"""Quiver's Arrow equals PEFT's create_arrow_model on the same adapters (fp32, atol 1e-4).
+"""Arrow: its decisions (top-k, normalised, only adapters with the module), and Quiver's Arrow
+equals PEFT's create_arrow_model on the same adapters (fp32, atol 1e-4).
 
 PEFT finds prototypes by 15 power iterations from a random start, Quiver by an exact SVD from
 the factors; they agree when ΔW has a clear spectral gap, so the test adapters are built with
@@ -14,7 +15,7 @@ import torch
 from peft import ArrowConfig, LoraConfig, create_arrow_model, get_peft_model
 
 from quiver import Library, RoutedModel
-from quiver.routing import Arrow
+from quiver.routing import Arrow, RoutingSite
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IDS = torch.tensor([[3, 17, 42, 99, 5, 64, 127, 8, 20], [7, 7, 1, 2, 90, 33, 45, 61, 12]])
@@ -78,3 +79,20 @@ def test_genknowsub_equals_peft(tmp_path, tiny_model, tiny_spec):
             torch.testing.assert_close(rm(IDS).logits, peft_model(IDS).logits, atol=1e-4, rtol=0)
             plain = RoutedModel(copy.deepcopy(tiny_model), lib, router=Arrow(top_k=2, adapters=["t0", "t1", "t2"]))
             assert (plain(IDS).logits - rm(IDS).logits).abs().max() > 1e-3  # GKS did change something
+
+
+@torch.no_grad()
+def test_arrow_decisions_are_top_k_and_normalised(tiny_model, lib6):
+    router = Arrow(top_k=3, temperature=0.7)
+    RoutedModel(copy.deepcopy(tiny_model), lib6, router=router)
+    x = torch.randn(11, 32)
+    site = RoutingSite("model.layers.1.self_attn.k_proj", torch.zeros(11, dtype=torch.int64))
+    d = router.route(x, site)
+    assert d.indices.shape == (11, 3)
+    assert not (d.indices == 5).any()  # a5 has no k_proj: never selected there
+    torch.testing.assert_close(d.weights.sum(-1), torch.ones(11))
+    P = router._protos[site.module]
+    logits = (x @ P.T).abs() / 0.7
+    logits[:, 5] = float("-inf")
+    top, idx = logits.topk(3)
+    assert torch.equal(d.indices, idx) and torch.allclose(d.weights, torch.softmax(top, -1))

@@ -1,0 +1,5 @@
+"""`python -m quiver.cli`: the quiver command."""
+
+from . import main
+
+main()
