@@ -53,3 +53,32 @@ def test_groups_file_errors_are_specific(tmp_path):
     ok = tmp_path / "ok.json"
     ok.write_text(json.dumps({"k": 1, "clusters": {"0": ["date_iso", "km_to_m"]}}))
     assert read_groups(ok) == {"cluster-0": ["date_iso", "km_to_m"]}
+
+
+def test_cluster_library_routes_over_cluster_adapters(tmp_path, tiny_spec, tiny_model, tiny_tokenizer, peft_adapter_dir):
+    """The MBC library: one adapter per cluster, its oracle routes a prompt to its cluster."""
+    import shutil
+
+    from quiver.bench.groups import evaluate_cluster_library
+
+    groups = {"cluster-0": ["date_iso", "km_to_m"], "cluster-1": ["topic"]}
+    adapters_dir = tmp_path / "clusters"
+    for i, name in enumerate(groups):
+        shutil.copytree(peft_adapter_dir(name, seed=i), adapters_dir / name)
+    settings = Settings(n_test=2, max_new_tokens=3)
+
+    def answer_all(rm, items, router_for):
+        return _answer_all(rm, tiny_tokenizer, items, settings, router_for)
+
+    rep = evaluate_cluster_library(copy.deepcopy(tiny_model), tiny_tokenizer, tiny_spec, tmp_path / "mbc", adapters_dir,
+                                   groups, ["date_iso", "km_to_m", "topic"], ["date_us"], answer_all, _score, 2,
+                                   log=lambda s: None)
+    res = rep["results"]
+    assert set(res) == {"cluster-oracle", "mbc-arrow-k1", "mbc-arrow-k2"}
+    assert set(res["cluster-oracle"]["per_task"]) == {"date_iso", "km_to_m", "topic"}
+    assert set(res["mbc-arrow-k2"]["per_task"]) == {"date_iso", "km_to_m", "topic", "date_us"}
+    d = res["mbc-arrow-k1"]["diagnostics"]
+    assert d["random"] == 0.5 and 0 <= d["own_share"] <= 1 and 0 <= d["top1_hit"] <= 1
+    with pytest.raises(FileNotFoundError, match="cluster-2"):
+        evaluate_cluster_library(tiny_model, tiny_tokenizer, tiny_spec, tmp_path / "mbc2", adapters_dir,
+                                 {**groups, "cluster-2": ["uppercase"]}, ["date_iso"], [], answer_all, _score, 2)
