@@ -98,7 +98,7 @@ class Server:
     def client(self, key: str | None = KEY, **kw):
         from openai import OpenAI
 
-        return OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0, timeout=60, **kw)
+        return OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0, **{"timeout": 60, **kw})
 
     def stop(self) -> int:
         if self.proc.poll() is None:
