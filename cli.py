@@ -32,6 +32,9 @@ LibraryOpt = Annotated[Optional[str], typer.Option(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 KOpt = Annotated[Optional[int], typer.Option("-k", min=1, help="How many adapters to return (default: library.search.k, 3).")]
 err_console = Console(stderr=True)
+RayOpt = Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (see --ray-address).")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(
+    help="The Ray cluster to join (HOST:PORT, auto, ray://HOST:PORT); default $RAY_ADDRESS, else a local one.")]
 
 
 def _cfg(ctx: typer.Context):
@@ -226,9 +229,22 @@ def library_verify(ctx: typer.Context, fix: Annotated[bool, typer.Option(
 @library_app.command("embed", context_settings=EXTRA)
 def library_embed(ctx: typer.Context,
                   kind: Annotated[Optional[list[str]], typer.Option(help="arrow, svd or text; repeatable (default all).")] = None,
-                  library: LibraryOpt = None, as_json: JsonOpt = False):
-    """Compute missing embeddings (cached by content and config); prints how many were computed."""
-    counts = _existing(_cfg(ctx), library).embed(kinds=tuple(kind or ("arrow", "svd", "text")))
+                  library: LibraryOpt = None, as_json: JsonOpt = False, ray: RayOpt = False,
+                  ray_address: RayAddressOpt = None):
+    """Compute missing embeddings (cached by content and config); prints how many were computed.
+
+    With --ray the per-adapter work (arrow prototypes, text vectors) runs as Ray tasks."""
+    cfg = _cfg(ctx)
+    kinds = tuple(kind or ("arrow", "svd", "text"))
+    lib = _existing(cfg, library)
+    if ray:
+        from .cluster.jobs import embed as embed_on_ray
+
+        counts = embed_on_ray(cfg, lib, kinds, location=library or str(cfg.library.path), address=ray_address)
+    elif ray_address is not None:
+        raise ValueError("--ray-address needs --ray")
+    else:
+        counts = lib.embed(kinds=kinds)
     if as_json:
         return _print(counts, True)
     table = Table("embedding", "computed")
@@ -542,16 +558,30 @@ def serve_cmd(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key_file: Annotated[Optional[Path], typer.Option(
         help="File of API keys, one per line (also $QUIVER_API_KEYS, comma-separated).")] = None,
+    ray: RayOpt = False,
+    replicas: Annotated[Optional[int], typer.Option(
+        min=1, help="With --ray: this many replicas (default: autoscale within serve.ray's bounds).")] = None,
+    ray_address: RayAddressOpt = None,
 ):
     """OpenAI-compatible server (/v1/models, /v1/completions, /v1/chat/completions, /health, /metrics)
     with continuous batching and per-request routing.
 
     quiver serve -L DIR router=arrow router.top_k=2 serve.max_queue=64 model.name=/path/to/hf-dir
     """
+    cfg = _cfg(ctx)
+    lib = _existing(cfg, library)
+    if ray:  # replicas open the library themselves, from its location
+        from .cluster.serve import run as run_on_ray
+
+        lib.close()
+        location = library or str(cfg.library.path)
+        return run_on_ray(cfg, location, host=host, port=port, api_key_file=api_key_file,
+                          replicas=replicas, address=ray_address)
+    if replicas is not None or ray_address is not None:
+        raise ValueError("--replicas and --ray-address need --ray")
     from .serve import run
 
-    cfg = _cfg(ctx)
-    run(cfg, _existing(cfg, library), host=host, port=port, api_key_file=api_key_file)
+    run(cfg, lib, host=host, port=port, api_key_file=api_key_file)
 
 
 BENCHMARKS = ("library", "runtime", "kernels", "merging", "quality", "serve", "training")
