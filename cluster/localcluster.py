@@ -99,7 +99,7 @@ class LocalCluster:
                     pass
         for p in reversed(self.procs):
             try:
-                p.wait(30)
+                p.wait(10)
             except subprocess.TimeoutExpired:
                 try:
                     os.killpg(p.pid, signal.SIGKILL)

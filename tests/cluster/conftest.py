@@ -32,6 +32,13 @@ def ray_cluster(team_servers):
 
 
 @pytest.fixture
-def team(team_servers, tmp_path):
+def new_team(team_servers, tmp_path):
+    """Factory: a fresh, empty team library target (its own schema, S3 prefix and caches)."""
     pg, s3 = team_servers
-    return TeamTarget(pg, s3, tmp_path)
+    made = []
+
+    def make():
+        made.append(TeamTarget(pg, s3, tmp_path / f"team-{len(made)}"))
+        return made[-1]
+
+    return make
