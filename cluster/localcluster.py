@@ -31,7 +31,8 @@ def _free_port() -> int:
 class LocalCluster:
     """``LocalCluster(nodes=2, cpus=2)``: ``address`` is the head's ``HOST:PORT`` once started."""
 
-    def __init__(self, nodes: int = 2, cpus: int = 2, memory: int = 2 << 30, object_store: int = 128 << 20):
+    def __init__(self, nodes: int = 2, cpus: int = 2, memory: int = 2 << 30, object_store: int = 128 << 20,
+                 env: dict | None = None):
         if nodes < 1:
             raise ValueError("a cluster needs at least one node")
         self.nodes, self.cpus, self.memory, self.object_store = nodes, cpus, memory, object_store
@@ -39,6 +40,7 @@ class LocalCluster:
         self.address = f"{LOOPBACK}:{self.port}"
         # short: Ray's socket paths live under it and Unix socket paths are limited to 107 bytes
         self.dir = Path(tempfile.mkdtemp(prefix="qray-", dir="/tmp"))
+        self.env = dict(os.environ, **(env or {}))  # every node's (and so every worker's) environment
         self.procs: list[subprocess.Popen] = []
         self._logs = []
 
@@ -51,7 +53,7 @@ class LocalCluster:
                      f"--ray-client-server-port={_free_port()}"]
         else:
             args += [f"--address={self.address}"]
-        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
+        env = dict(self.env, RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
         log = open(self.dir / f"node-{i}.log", "w")
         self._logs.append(log)
         self.procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,

@@ -47,6 +47,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 log = logging.getLogger("quiver.cluster")
 
 REPLICA_HEADER = "x-quiver-replica"  # which replica answered: "HOST:PID"
+RETRIED_HEADER = "x-quiver-retried"  # "1": the first replica died before answering; this is the retry
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive"}
 
 
@@ -212,26 +213,30 @@ def build_app(cfg, location: str, *, api_key_file: str | None = None, replicas: 
             self.replicas = replicas
 
         async def _open(self, method, path, query, headers, body, key):
-            """The replica's response stream and its first item; one retry when the replica died."""
+            """The replica's response stream, its first item and whether it took a retry (one,
+            when the first replica died before it answered)."""
             for attempt in (0, 1):
                 stream = self.replicas.options(multiplexed_model_id=key, stream=True).handle.remote(
                     method, path, query, headers, body)
                 try:
-                    return stream, await stream.__anext__()
+                    return stream, await stream.__anext__(), attempt > 0
                 except (RayActorError, ActorUnavailableError) as e:
                     log.warning("replica failed before answering (attempt %d): %s", attempt + 1, type(e).__name__)
-            return None, None
+            return None, None, True
 
         @ingress_app.api_route("/{path:path}", methods=["GET", "POST"])
         async def forward(self, request: Request, path: str):
             body = await request.body()
             headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS]
             key = routing_key(request.method, body)
-            stream, first = await self._open(request.method, request.url.path, request.url.query, headers, body, key)
+            stream, first, retried = await self._open(request.method, request.url.path, request.url.query, headers,
+                                                      body, key)
             if stream is None:
                 return _unavailable("The replica serving this request failed")
             _, status, out_headers = first
             out_headers = {k: v for k, v in out_headers if k.lower() not in _HOP_HEADERS}
+            if retried:
+                out_headers[RETRIED_HEADER] = "1"
             if not out_headers.get("content-type", "").startswith("text/event-stream"):
                 try:
                     chunks = [c async for c in stream]

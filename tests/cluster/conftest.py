@@ -21,24 +21,32 @@ TeamTarget = _library_fixtures.TeamTarget
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(team_servers):
+def ray_cluster(team_servers, tmp_path_factory):
     """The cluster's address (``HOST:PORT``). Started after the team servers, so that its workers
-    inherit the S3 variables as any node of a team would have them."""
+    inherit the S3 variables as any node of a team would have them; their blob caches go to a
+    temporary directory."""
     from quiver.cluster.localcluster import LocalCluster
 
-    cluster = LocalCluster(nodes=2, cpus=2).start()
+    cache = tmp_path_factory.mktemp("ray-node-cache")
+    cluster = LocalCluster(nodes=2, cpus=2, env={"QUIVER_CACHE": str(cache)}).start()
     yield cluster.address
     cluster.stop()
 
 
 @pytest.fixture
-def new_team(team_servers, tmp_path):
+def new_team(team_target, tmp_path):
     """Factory: a fresh, empty team library target (its own schema, S3 prefix and caches)."""
-    pg, s3 = team_servers
     made = []
 
     def make():
-        made.append(TeamTarget(pg, s3, tmp_path / f"team-{len(made)}"))
+        made.append(team_target(tmp_path / f"team-{len(made)}"))
         return made[-1]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def team_target(team_servers):
+    """Factory: ``team_target(tmp_dir)`` is a fresh team library target usable at any scope."""
+    pg, s3 = team_servers
+    return lambda tmp: TeamTarget(pg, s3, tmp)
