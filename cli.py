@@ -584,7 +584,7 @@ def serve_cmd(
     run(cfg, lib, host=host, port=port, api_key_file=api_key_file)
 
 
-BENCHMARKS = ("library", "runtime", "kernels", "merging", "quality", "serve", "training")
+BENCHMARKS = ("library", "runtime", "kernels", "merging", "quality", "serve", "training", "ray")
 
 
 @app.command("bench", context_settings=EXTRA)

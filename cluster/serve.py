@@ -264,7 +264,9 @@ def run(cfg, location: str, *, host: str = "127.0.0.1", port: int = 8000, api_ke
         replicas: int | None = None, address: str | None = None) -> None:
     """Deploy the application on the cluster (joined or started, see :mod:`.connect`), listen on
     ``host:port`` (Ray Serve's proxy, on the head node only) and block until SIGTERM or Ctrl-C,
-    then delete the application (its replicas drain their requests first)."""
+    then delete the application (its replicas drain their requests first), and stop Serve when
+    no other application is left. While Serve already runs on the cluster (another
+    application), its proxy keeps the host and port it was started with (Ray Serve's rule)."""
     from ray import serve
 
     from .connect import connect
@@ -283,3 +285,5 @@ def run(cfg, location: str, *, host: str = "127.0.0.1", port: int = 8000, api_ke
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     serve.delete(name)
+    if not serve.status().applications:  # the last application: stop Serve (its proxy) too, so
+        serve.shutdown()  # that the next `quiver serve --ray` starts it on its own host and port
