@@ -9,7 +9,7 @@ import typer
 from .common import LibraryOpt
 
 
-BENCHMARKS = ("library", "runtime", "kernels", "merging", "quality", "serve", "training")
+BENCHMARKS = ("library", "runtime", "kernels", "merging", "quality", "serve", "training", "ray")
 
 
 def bench(ctx: typer.Context, name: Annotated[str, typer.Argument(help=f"One of: {', '.join(BENCHMARKS)}.")]):

@@ -21,6 +21,9 @@ LibraryOpt = Annotated[Optional[str], typer.Option(
     "(with library.blobs=s3://bucket/prefix).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 KOpt = Annotated[Optional[int], typer.Option("-k", min=1, help="How many adapters to return (default: library.search.k, 3).")]
+RayOpt = Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (see --ray-address).")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(
+    help="The Ray cluster to join (HOST:PORT, auto, ray://HOST:PORT); default $RAY_ADDRESS, else a local one.")]
 
 
 def command_config(ctx: typer.Context, command: str):

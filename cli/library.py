@@ -14,6 +14,8 @@ from .common import (
     JsonOpt,
     KOpt,
     LibraryOpt,
+    RayAddressOpt,
+    RayOpt,
     command_config,
     console,
     emit,
@@ -163,9 +165,22 @@ def library_verify(ctx: typer.Context, fix: Annotated[bool, typer.Option(
 @app.command("embed", context_settings=EXTRA)
 def library_embed(ctx: typer.Context,
                   kind: Annotated[Optional[list[str]], typer.Option(help="arrow, svd or text; repeatable (default all).")] = None,
-                  library: LibraryOpt = None, as_json: JsonOpt = False):
-    """Compute missing embeddings (cached by content and config); prints how many were computed."""
-    counts = existing_library(command_config(ctx, "library"), library).embed(kinds=tuple(kind or ("arrow", "svd", "text")))
+                  library: LibraryOpt = None, as_json: JsonOpt = False, ray: RayOpt = False,
+                  ray_address: RayAddressOpt = None):
+    """Compute missing embeddings (cached by content and config); prints how many were computed.
+
+    With --ray the per-adapter work (arrow prototypes, text vectors) runs as Ray tasks."""
+    cfg = command_config(ctx, "library")
+    kinds = tuple(kind or ("arrow", "svd", "text"))
+    if ray_address is not None and not ray:
+        raise ValueError("--ray-address needs --ray")
+    lib = existing_library(cfg, library)
+    if ray:
+        from quiver.cluster.jobs import embed as embed_on_ray
+
+        counts = embed_on_ray(cfg, lib, kinds, location=library or str(cfg.library.path), address=ray_address)
+    else:
+        counts = lib.embed(kinds=kinds)
     if as_json:
         return emit(counts, True)
     t = Table("embedding", "computed")
