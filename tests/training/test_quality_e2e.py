@@ -12,6 +12,9 @@ from quiver.tasks import get_task
 from quiver.training import TrainConfig, train_lora
 
 pytestmark = pytest.mark.real_model
+# The shipped adapters measured 0.183 / 0.79 on these 24 prompts (random: 1/12 = 0.083 / 0.083);
+# the issue's targets (0.5 / 0.9) are not met by them: docs/routability.md.
+OWN_SHARE_MIN, TOP1_MIN = 0.15, 0.7
 
 
 def test_trained_task_adapters_beat_the_base_model_when_routed(real_model, tmp_path):
@@ -39,3 +42,28 @@ def test_trained_task_adapters_beat_the_base_model_when_routed(real_model, tmp_p
     share = report["diagnostics"]["arrow-k1"]["own_share"]
     assert 0 <= share <= 1
     assert "| arrow-k1 |" in table(report) and "arrow_within_90pct_of_oracle" not in targets({"base": res["base"]})
+
+
+def test_shipped_task_adapters_route_prompts_to_their_own_adapter(real_model, tmp_path):
+    """The shipped library routes better than chance: Arrow top-2 gives a held-in prompt's own
+    adapter about twice the random share of the routing weight on its task tokens and puts it on
+    top for most prompts (no generation: one prefill per batch)."""
+    from quiver.bench.routability import routing_diagnostics
+    from quiver.routing import Arrow
+    from quiver.runtime import RoutedModel
+    from quiver.tasks import HELD_IN
+    from quiver.training.tasklib import register_task_adapters
+
+    model, tok = real_model
+    with Library.open(tmp_path / "lib", base_model=BaseModelSpec.from_model(model)) as lib:
+        register_task_adapters(lib)
+        lib.embed(kinds=("arrow",), progress=False)
+        rm = RoutedModel(model, lib, router=Arrow(top_k=2, adapters=list(HELD_IN)), adapters=list(HELD_IN))
+        try:
+            items = [e.to_dict() for t in HELD_IN for e in get_task(t).examples("test", 2)]
+            rep = routing_diagnostics(rm, tok, items, rm.router, batch_size=24)
+        finally:
+            rm.unwrap()
+    assert rep["n_prompts"] == 24
+    assert rep["own_share"] >= OWN_SHARE_MIN, rep["per_task"]
+    assert rep["top1_hit"] >= TOP1_MIN, rep["per_task"]
