@@ -18,9 +18,11 @@ the task's exact-match metric:
                       task (held-in and held-out tasks; never test examples)
 
 Held-in and held-out scores are the mean over those tasks. The table, the per-task scores, the
-Arrow routing diagnostics (weight share of each held-in prompt's own adapter, mean routing
-entropy) and the settings are written to ``OUT/quality.json`` and a bar plot to
-``OUT/quality.png``. ``--quick`` (the default) uses 6 test prompts per task and short router
+routing diagnostics of each router (:mod:`quiver.bench.routability`: the own adapter's share of
+the routing weight on a held-in prompt's task tokens, and how often it is on top), the merges of
+related tasks and, with ``--cluster-adapters``, Arrow over the MBC cluster library
+(:mod:`quiver.bench.groups`) and the settings are written to ``OUT/quality.json`` and a bar plot
+to ``OUT/quality.png``. ``--quick`` (the default) uses 6 test prompts per task and short router
 training (≈ 7 minutes on 2 cores); ``--full`` 40 prompts per task, 8 shots and 80 router
 steps (≈ 30 minutes).
 """
@@ -268,7 +270,6 @@ def run_groups(model, tok, spec, lib, report: dict, settings: Settings, args) ->
         return _answer_all(rm, tok, items, settings, router_for)
 
     if not args.no_merges:
-        own = {}
         rm = RoutedModel(model, lib, adapters=list(HELD_IN))
         try:
             related = [t for g in groups.values() if len(g) > 1 for t in g]
@@ -321,6 +322,12 @@ def main(argv=None) -> None:
     ap.add_argument("--cluster-adapters", type=Path,
                     help="also evaluate Arrow over these cluster adapters (OUT of tasklib --clusters)")
     args = ap.parse_args(argv)
+    groups = read_groups(args.groups)  # a bad file fails here, not after an hour of evaluation
+    if args.cluster_adapters is not None:
+        missing = [g for g in groups if not (args.cluster_adapters / g).is_dir()]
+        if missing:
+            ap.error(f"--cluster-adapters {args.cluster_adapters} has no adapter for {', '.join(missing)} "
+                     f"(train them: python -m quiver.training.tasklib --clusters {args.groups} --out DIR)")
     settings = FULL if args.full else QUICK
     if args.n:
         settings.n_test = args.n
