@@ -5,11 +5,18 @@ Each node runs ``ray start --block`` as a child of this process in its own proce
 ``stop()`` ends exactly what was started (by process group id), never another user's Ray. Every
 node listens on 127.0.0.1 only; the dashboard and usage reporting are off. Workers inherit this
 process's environment (``PYTHONPATH``, the team library's ``AWS_*`` variables).
+
+Authentication is explicit, so that the cluster behaves the same whatever the machine holds
+(Ray turns token authentication on when ``~/.ray/auth_token`` exists): every cluster gets its own
+random token (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN``), given to its nodes and, by
+:meth:`LocalCluster.start`, to this process's environment, so that drivers started from it
+(``ray.init``, ``quiver serve --ray``) join with it. The token is never printed.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -40,7 +47,8 @@ class LocalCluster:
         self.address = f"{LOOPBACK}:{self.port}"
         # short: Ray's socket paths live under it and Unix socket paths are limited to 107 bytes
         self.dir = Path(tempfile.mkdtemp(prefix="qray-", dir="/tmp"))
-        self.env = dict(os.environ, **(env or {}))  # every node's (and so every worker's) environment
+        self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        self.env = dict(os.environ, **(env or {}), **self.auth)  # every node's (and every worker's) environment
         self.procs: list[subprocess.Popen] = []
         self._logs = []
 
@@ -60,6 +68,7 @@ class LocalCluster:
                                            start_new_session=True))
 
     def start(self, timeout: float = 120) -> LocalCluster:
+        os.environ.update(self.auth)  # drivers started from this process join with the cluster's token
         try:
             self._start_node(0, head=True)
             self._wait_nodes(1, timeout)
