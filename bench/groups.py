@@ -155,19 +155,11 @@ def evaluate_cluster_library(model, tok, spec, lib_dir: Path, adapters_dir: Path
 
 def open_adapter_library(path: Path, spec, adapters_dir: Path, groups: dict[str, list[str]]):
     """A library of the adapters ``adapters_dir/<group>/`` (PEFT dirs), described by their tasks."""
-    from quiver.library import BaseModelRef, Library, read_peft_dir
+    from quiver.library import Library
+    from quiver.training.tasklib import register_group_adapters
 
     lib = Library.open(path, base_model=spec, create=True)
-    for name, members in groups.items():
-        d = Path(adapters_dir) / name
-        if not d.is_dir():
-            raise FileNotFoundError(f"no adapter {name!r} in {adapters_dir} (train them with "
-                                    f"python -m quiver.training.tasklib --clusters FILE --out {adapters_dir})")
-        adapter = read_peft_dir(d, name, BaseModelRef(spec.id, spec.fingerprint))
-        if name in lib and lib.info(name).blob == adapter.content_hash():
-            continue
-        desc = "; ".join(get_task(t).description for t in members)
-        lib.add(adapter, name, description=desc, replace=True, tags=["cluster"])
+    register_group_adapters(lib, adapters_dir, groups)
     lib.embed(progress=False)
     return lib
 

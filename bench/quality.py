@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from quiver.bench.groups import evaluate_cluster_library, evaluate_merges, merges_table, read_groups
+from quiver.bench.groups import _fmt, _mean, evaluate_cluster_library, evaluate_merges, merges_table, read_groups
 from quiver.library import BaseModelSpec, Library, load_base_model
 from quiver.library.base_model import default_cache_dir
 from quiver.tasks import HELD_IN, HELD_OUT, get_task
@@ -218,15 +218,6 @@ def targets(results: dict) -> dict:
     if all(m in r for m in ("pcb", "ties", "uniform")):
         out["pcb_ge_ties_ge_linear"] = r["pcb"]["held_in"] >= r["ties"]["held_in"] >= r["uniform"]["held_in"]
     return out
-
-
-def _mean(xs) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
-
-
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.3f}"
 
 
 def table(report: dict) -> str:

@@ -109,19 +109,36 @@ def register_task_adapters(lib: Library, adapters_dir: str | Path = SHIPPED,
     """Add the task adapters found in ``adapters_dir`` to ``lib`` with the task's description
     and a few training prompts as examples; an adapter the library holds in another version
     (e.g. after a rebuild) is replaced. Returns the names added or replaced."""
+    entries = {}
+    for name in tasks:
+        task = get_task(name)
+        entries[name] = dict(description=task.description, tags=["task"],
+                             examples=[e.prompt for e in task.examples("train", n_examples)])
+    return _register_dirs(lib, adapters_dir, entries, "for task ", f"python -m quiver.training.tasklib --out {adapters_dir}")
+
+
+def register_group_adapters(lib: Library, adapters_dir: str | Path, groups: dict[str, Sequence[str]]) -> list[str]:
+    """Add the group (cluster) adapters ``adapters_dir/<group>/`` that :func:`build_group_adapters`
+    wrote, each described by its tasks' descriptions; returns the names added or replaced."""
+    entries = {name: dict(description="; ".join(get_task(t).description for t in members), tags=["cluster"])
+               for name, members in groups.items()}
+    return _register_dirs(lib, adapters_dir, entries, "",
+                          f"python -m quiver.training.tasklib --clusters FILE --out {adapters_dir}")
+
+
+def _register_dirs(lib: Library, adapters_dir: str | Path, entries: dict[str, dict], what: str,
+                   build_hint: str) -> list[str]:
+    """``lib.add(adapter_dir/<name>, **entries[name])`` for each name whose content is new."""
     spec = lib.base
     changed = []
-    for name in tasks:
+    for name, fields in entries.items():
         d = Path(adapters_dir) / name
         if not d.is_dir():
-            raise FileNotFoundError(f"no adapter for task {name!r} in {adapters_dir} "
-                                    f"(build them with python -m quiver.training.tasklib --out {adapters_dir})")
+            raise FileNotFoundError(f"no adapter {what}{name!r} in {adapters_dir} (build them with {build_hint})")
         adapter = read_peft_dir(d, name, BaseModelRef(spec.id, spec.fingerprint))
         if name in lib and lib.info(name).blob == adapter.content_hash():
             continue
-        task = get_task(name)
-        lib.add(adapter, name, description=task.description, replace=True, tags=["task"],
-                examples=[e.prompt for e in task.examples("train", n_examples)])
+        lib.add(adapter, name, replace=True, **fields)
         changed.append(name)
     return changed
 
