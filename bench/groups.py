@@ -12,7 +12,8 @@ Arrow paper's recipe), saved in a clusters file (``docs/mbc-clusters.json``).
   ``pcb-search`` is PCB with its per-adapter coefficients ``λᵢ`` searched on validation
   prompts (never test prompts): the score maximised is minus the mean answer loss of the
   merged weights on ``n_valid`` validation examples per task (a forward pass, no generation),
-  nevergrad over ``[0.8, 1.3]ⁿ`` with ``search_budget`` evaluations.
+  nevergrad over ``[0.8, 1.3]ⁿ`` with ``search_budget`` evaluations, ``search_batch`` candidates
+  at a time (TwoPointsDE; see :func:`quiver.merging.search_coefficients`).
 * :func:`evaluate_cluster_library`: Arrow over one adapter per cluster (trained on the union of
   the cluster's tasks, ``python -m quiver.training.tasklib --clusters FILE``) beside the
   per-task library; the oracle there routes each prompt to its cluster's adapter.
@@ -45,32 +46,77 @@ def _valid_loss_fn(model, tok, examples: list[dict]) -> Callable[[], float]:
     return lambda: mean_loss(loss_fn, examples)
 
 
-def _search_pcb(model, tok, adapters, group: Sequence[str], n_valid: int, budget: int) -> list[float]:
-    """PCB's λ searched on validation loss: returns one λ per adapter."""
-    from quiver.merging import search_pcb_coefficients, task_vectors
+class PcbScorer:
+    """The score of a PCB candidate ``λ``: minus the mean answer loss of ``θ₀ + τ_m(λ)`` on
+    ``n_valid`` validation examples of each task of ``group``. The model's weights are written
+    for each candidate and restored after it (also on error)."""
 
-    valid = [e.to_dict() for t in group for e in get_task(t).examples("validation", n_valid)]
-    loss = _valid_loss_fn(model, tok, valid)
-    taus = task_vectors(adapters)
-    weights = {path: model.get_submodule(path).weight for path in taus}
-    originals = {path: w.detach().clone() for path, w in weights.items()}
+    def __init__(self, model, tok, adapters, group: Sequence[str], n_valid: int):
+        from quiver.merging import PcbParts, task_vectors
+
+        valid = [e.to_dict() for t in group for e in get_task(t).examples("validation", n_valid)]
+        self.loss = _valid_loss_fn(model, tok, valid)
+        self.parts = PcbParts(task_vectors(adapters))
+        self.weights = {path: model.get_submodule(path).weight for path in self.parts.parts}
 
     @torch.no_grad()
-    def evaluate(merged: dict[str, torch.Tensor]) -> float:
+    def scores(self, candidates: list[list[float]]) -> list[float]:
+        originals = {path: w.detach().clone() for path, w in self.weights.items()}
+        out = []
         try:
-            for path, w in weights.items():
-                w.copy_(originals[path] + merged[path].to(w.dtype))
-            return -loss()
+            for lambdas in candidates:
+                merged = self.parts.merged(lambdas)
+                for path, w in self.weights.items():
+                    w.copy_(originals[path] + merged[path].to(w.dtype))
+                out.append(-self.loss())
         finally:
-            for path, w in weights.items():
+            for path, w in self.weights.items():
                 w.copy_(originals[path])
+        return out
 
-    return search_pcb_coefficients(taus, evaluate, budget=budget).lambdas
+
+_SCORERS: dict[tuple, PcbScorer] = {}  # per Ray worker process: (model, library, adapters, ...) -> scorer
+
+
+def _ray_pcb_scores(model_name: str, location: str, names: list[str], group: list[str], n_valid: int,
+                    candidates: list[list[float]]) -> list[float]:
+    """:meth:`PcbScorer.scores` in a Ray worker (its parts computed once per worker)."""
+    from quiver.bench.onray import worker_library, worker_model
+
+    model, tok = worker_model(model_name)
+    key = (model_name, location, tuple(names), tuple(group), n_valid)
+    if key not in _SCORERS:
+        lib = worker_library(location)
+        try:
+            _SCORERS[key] = PcbScorer(model, tok, [lib.get(n) for n in names], group, n_valid)
+        finally:
+            lib.close()
+    return _SCORERS[key].scores(candidates)
+
+
+def _search_pcb(model, tok, adapters, group: Sequence[str], n_valid: int, budget: int, batch: int = 4,
+                ray=None) -> list[float]:
+    """PCB's λ searched on validation loss: one λ per adapter. The optimiser proposes ``batch``
+    candidates at a time; with ``ray`` (:class:`~quiver.bench.onray.OnRay`) each is scored by a
+    Ray task (the same λ as here: the search depends only on the scores)."""
+    from quiver.merging import search_coefficients
+
+    if ray is None:
+        score_batch = PcbScorer(model, tok, adapters, group, n_valid).scores
+    else:
+        names = [a.name for a in adapters]
+
+        def score_batch(candidates):
+            calls = [(names, list(group), n_valid, [c]) for c in candidates]
+            return [s for scores in ray.run(_ray_pcb_scores, calls, "PCB candidates", progress=False) for s in scores]
+
+    return search_coefficients(len(adapters), score_batch, budget=budget, batch=batch).lambdas
 
 
 def evaluate_merges(model, tok, lib, groups: dict[str, list[str]], answer_all, score, own_scores: dict[str, float],
                     n_test: int, methods: Sequence[str] = RELATED_METHODS, n_valid: int = 8,
-                    search_budget: int = 12, log: Callable[[str], None] = print) -> dict:
+                    search_budget: int = 12, search_batch: int = 4, log: Callable[[str], None] = print,
+                    ray=None) -> dict:
     """Normalised scores of each merge method on each group (see the module docstring).
 
     ``answer_all(rm, items, router_for)`` answers prompts; ``score(items, answers)`` gives
@@ -91,7 +137,7 @@ def evaluate_merges(model, tok, lib, groups: dict[str, list[str]], answer_all, s
         for method in methods:
             name = f"related-{gname}-{method}"
             if method == "pcb-search":
-                lambdas = _search_pcb(model, tok, adapters, group, n_valid, search_budget)
+                lambdas = _search_pcb(model, tok, adapters, group, n_valid, search_budget, search_batch, ray)
                 merged = merge(adapters, method="pcb", weights=lambdas, name=name)
                 log(f"  {gname}: pcb λ = {[round(x, 3) for x in lambdas]}")
             else:
@@ -116,7 +162,8 @@ def evaluate_merges(model, tok, lib, groups: dict[str, list[str]], answer_all, s
         vals = [v for v in table[method].values() if v is not None]
         table[method]["mean"] = sum(vals) / len(vals) if vals else None
     return {"groups": {g: m for g, m in groups.items() if len(m) >= 2}, "normalised": table, "per_task": raw,
-            "own": own_scores, "n_test": n_test, "search": {"n_valid": n_valid, "budget": search_budget}}
+            "own": own_scores, "n_test": n_test, "search": {"n_valid": n_valid, "budget": search_budget,
+                                                                   "batch": search_batch}}
 
 
 def evaluate_cluster_library(model, tok, spec, lib_dir: Path, adapters_dir: Path, groups: dict[str, list[str]],

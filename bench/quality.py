@@ -2,6 +2,7 @@
 
     python -m quiver.bench.quality [--quick | --full] [--n N] [--out DIR] [--library DIR]
     quiver bench quality --quick
+    quiver bench quality --quick --ray [--ray-address HOST:PORT]   # the methods as Ray tasks
 
 The library holds one LoRA per held-in task of :mod:`quiver.tasks`, trained on SmolLM2-135M
 by this repository (``tasks/adapters/``, rebuilt by ``python -m quiver.training.tasklib``).
@@ -25,6 +26,10 @@ related tasks and, with ``--cluster-adapters``, Arrow over the MBC cluster libra
 to ``OUT/quality.png``. ``--quick`` (the default) uses 6 test prompts per task and short router
 training (≈ 7 minutes on 2 cores); ``--full`` 40 prompts per task, 8 shots and 80 router
 steps (≈ 30 minutes).
+
+``--ray``: each method (and each Arrow variant) is one Ray task, and PCB's coefficient
+candidates are scored by Ray tasks (:mod:`quiver.bench.onray`); the results equal a local run
+with one thread.
 """
 
 from __future__ import annotations
@@ -33,173 +38,65 @@ import argparse
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from quiver.bench.groups import _fmt, _mean, evaluate_cluster_library, evaluate_merges, merges_table, read_groups
+from quiver.bench.groups import _fmt, evaluate_cluster_library, evaluate_merges, merges_table, read_groups
+from quiver.bench.methods import (FULL, MERGES, QUICK, Settings, _answer_all, _prompts, _ray_run_method, _score,
+                                  plan_runs, run_method)
+from quiver.bench.onray import OnRay
+from quiver.cluster.connect import absolute_location
 from quiver.library import BaseModelSpec, Library, load_base_model
 from quiver.library.base_model import default_cache_dir
-from quiver.tasks import HELD_IN, HELD_OUT, get_task
+from quiver.tasks import HELD_IN, HELD_OUT
 
 GROUPS = Path(__file__).resolve().parents[1] / "docs" / "mbc-clusters.json"
-MERGES = {"uniform": "linear", "ties": "ties", "pcb": "pcb"}  # defaults of conf/merge
-ARROW = [(1, "merge-after"), (2, "merge-after"), (4, "merge-after"), (1, "merge-before"),
-         (2, "merge-before"), (4, "merge-before")]
 
 
-@dataclass
-class Settings:
-    n_test: int = 6
-    shots: int = 4  # training examples per task for the MoE gate and MHR-z
-    router_steps: int = 30
-    moe_lr: float = 5e-2
-    mhr_lr: float = 0.2  # MHR-z logits start at 0 (uniform) and must move by units to concentrate
-    batch_size: int = 32
-    max_new_tokens: int = 16
-    arrow: tuple = tuple(ARROW)
-    methods: tuple = ("base", "oracle", "arrow", "uniform", "ties", "pcb", "retrieval", "moe", "mhr-z")
-
-
-QUICK = Settings()
-FULL = Settings(n_test=40, shots=8, router_steps=80)
-
-
-def _prompts(tasks: Sequence[str], n: int) -> list[dict]:
-    return [e.to_dict() for t in tasks for e in get_task(t).examples("test", n)]
-
-
-def _answer_all(rm, tok, items: list[dict], settings: Settings, router_for: Callable[[dict], object],
-                trace: bool = False, prepare_tasks: bool = False):
-    """Answers for ``items`` in batches; ``router_for(item)`` gives each prompt's router."""
-    from quiver.runtime import answer
-
-    out = []
-    for i in range(0, len(items), settings.batch_size):
-        chunk = items[i: i + settings.batch_size]
-        answers, _ = answer(rm, tok, [it["prompt"] for it in chunk], routers=[router_for(it) for it in chunk],
-                            tasks=[it["task"] for it in chunk] if prepare_tasks else None,
-                            max_new_tokens=settings.max_new_tokens, trace=trace)
-        out.extend(answers)
-    return out
-
-
-def _base_answers(rm, tok, items, settings):
-    from quiver.runtime.answer import Answer, encode_prompts
-
-    out = []
-    with rm.bare() as model, torch.no_grad():
-        for i in range(0, len(items), settings.batch_size):
-            chunk = items[i: i + settings.batch_size]
-            enc = encode_prompts(tok, [it["prompt"] for it in chunk])
-            gen = model.generate(**enc, max_new_tokens=settings.max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-            width = enc["input_ids"].shape[1]
-            out.extend(Answer(it["prompt"], tok.decode(g[width:], skip_special_tokens=True).strip(), [])
-                       for it, g in zip(chunk, gen))
-    return out
-
-
-def _score(items: list[dict], answers) -> dict[str, float]:
-    per_task: dict[str, list[float]] = {}
-    for it, a in zip(items, answers):
-        per_task.setdefault(it["task"], []).append(get_task(it["task"]).score(a.text, it["answer"]))
-    return {t: sum(v) / len(v) for t, v in per_task.items()}
-
-
-def _routing_stats(rm, tok, items, router, held_in: Sequence[str]) -> dict:
-    """Routing diagnostics on the held-in prompts (see :mod:`quiver.bench.routability`)."""
-    from quiver.bench.routability import routing_diagnostics
-
-    rep = routing_diagnostics(rm, tok, [it for it in items if it["task"] in held_in], router)
-    return {k: rep[k] for k in ("own_share", "own_share_all", "top1_hit", "random")}
-
-
-def _few_shot(tasks: Sequence[str], shots: int) -> list[dict]:
-    return [e.to_dict() for t in tasks for e in get_task(t).examples("train", shots)]
+def _log_run(log, out: dict) -> None:
+    r = out["result"]
+    log(f"  {out['name']:<16} held-in {_fmt(r['held_in'])}  held-out {_fmt(r['held_out'])}  ({r['seconds']} s)")
 
 
 def evaluate(model, tok, lib: Library, held_in: Sequence[str], held_out: Sequence[str], settings: Settings,
-             log: Callable[[str], None] = print) -> dict:
-    """Score every method of ``settings.methods`` on the test prompts; returns the report."""
+             log: Callable[[str], None] = print, ray: OnRay | None = None) -> dict:
+    """Score every method of ``settings.methods`` on the test prompts; returns the report.
+
+    The merges are made first, into ``lib`` (removed at the end); then each run of
+    :func:`plan_runs` is :func:`run_method`, here one after another, or with ``ray`` as Ray
+    tasks in parallel (each loads ``ray.model`` and opens ``ray.location``)."""
     from quiver.merging import merge
-    from quiver.routing import MHR, Arrow, MoEGate, Retrieval, Single
-    from quiver.runtime import RoutedModel
-    from quiver.training import TrainConfig, train_router
 
-    tasks = list(held_in) + list(held_out)
-    items = _prompts(tasks, settings.n_test)
-    results: dict[str, dict] = {}
-    diagnostics: dict[str, dict] = {}
-    merged: dict[str, str] = {}  # method -> adapter name; merged once, up front
-    for method in settings.methods:
-        if method in MERGES:
-            t0 = time.perf_counter()
-            name = f"merge-{method}"
-            ad = merge([lib.get(n) for n in held_in], method=MERGES[method], name=name)
-            lib.add(ad, name, description=f"{MERGES[method]} merge of the task adapters", tags=["merged"], replace=True)
-            merged[method] = name
-            log(f"  merged {method} in {time.perf_counter() - t0:.1f} s")
-    rm = RoutedModel(model, lib, router=Arrow(adapters=list(held_in)), adapters=list(held_in) + list(merged.values()))
-
-    def record(name: str, answers, t0: float) -> None:
-        per_task = _score(items, answers)
-        results[name] = {"per_task": per_task, "seconds": round(time.perf_counter() - t0, 1),
-                         "held_in": _mean([per_task[t] for t in held_in]),
-                         "held_out": _mean([per_task[t] for t in held_out if t in per_task])}
-        r = results[name]
-        log(f"  {name:<16} held-in {r['held_in']:.3f}  held-out {_fmt(r['held_out'])}  ({r['seconds']} s)")
-
-    def train_cfg(lr: float) -> TrainConfig:
-        return TrainConfig(steps=settings.router_steps, batch_size=8, lr=lr, warmup_steps=3, progress=False)
-
-    shots = _few_shot(tasks, settings.shots)
-    for method in settings.methods:
-        t0 = time.perf_counter()
-        if method == "base":
-            record("base", _base_answers(rm, tok, items, settings), t0)
-        elif method == "oracle":
-            own = {t: Single(t) for t in held_in}
-            rows = [it for it in items if it["task"] in own]
-            answers = _answer_all(rm, tok, rows, settings, lambda it: own[it["task"]])
-            per_task = _score(rows, answers)
-            results["oracle"] = {"per_task": per_task, "held_in": _mean(list(per_task.values())),
-                                 "held_out": None, "seconds": round(time.perf_counter() - t0, 1)}
-            log(f"  {'oracle':<16} held-in {results['oracle']['held_in']:.3f}  held-out -")
-        elif method == "arrow":
-            for k, mode in settings.arrow:
+    runs = plan_runs(settings)  # an unknown method fails before any work
+    merged: dict[str, str] = {}  # method -> adapter name
+    try:
+        for method in settings.methods:
+            if method in MERGES:
                 t0 = time.perf_counter()
-                name = f"arrow-k{k}" + ("-mb" if mode == "merge-before" else "")
-                router = Arrow(top_k=k, mode=mode, adapters=list(held_in))
-                answers = _answer_all(rm, tok, items, settings, lambda it, r=router: r)
-                record(name, answers, t0)
-                diagnostics[name] = _routing_stats(rm, tok, items, router, held_in)
-        elif method in MERGES:
-            router = Single(merged[method])
-            record(method, _answer_all(rm, tok, items, settings, lambda it: router), t0)
-        elif method == "retrieval":
-            router = Retrieval(top_k=2, adapters=list(held_in))
-            answers = _answer_all(rm, tok, items, settings, lambda it: router)
-            record("retrieval", answers, t0)
-            diagnostics["retrieval"] = _routing_stats(rm, tok, items, router, held_in)
-        elif method == "moe":
-            gate = MoEGate(top_k=2, adapters=list(held_in), init="arrow")
-            train_router(rm, gate, tok, shots, config=train_cfg(settings.moe_lr))
-            gate.eval()
-            answers = _answer_all(rm, tok, items, settings, lambda it: gate)
-            record("moe", answers, t0)
-            diagnostics["moe"] = _routing_stats(rm, tok, items, gate, held_in)
-        elif method == "mhr-z":
-            mhr = MHR(tasks=tasks, adapters=list(held_in))
-            train_router(rm, mhr, tok, shots, config=train_cfg(settings.mhr_lr))
-            mhr.eval()
-            record("mhr-z", _answer_all(rm, tok, items, settings, lambda it: mhr, prepare_tasks=True), t0)
+                name = f"merge-{method}"
+                ad = merge([lib.get(n) for n in held_in], method=MERGES[method], name=name)
+                lib.add(ad, name, description=f"{MERGES[method]} merge of the task adapters", tags=["merged"],
+                        replace=True)
+                merged[method] = name
+                log(f"  merged {method} in {time.perf_counter() - t0:.1f} s")
+        if ray is None:
+            outs = []
+            for spec in runs:
+                outs.append(run_method(model, tok, lib, spec, held_in, held_out, settings, merged))
+                _log_run(log, outs[-1])
         else:
-            raise ValueError(f"unknown method {method!r}")
-    rm.unwrap()
-    for name in merged.values():
-        lib.remove(name)
+            calls = [(spec, list(held_in), list(held_out), asdict(settings), merged) for spec in runs]
+            outs = ray.run(_ray_run_method, calls, desc="methods on Ray", unit="method")
+            for out in outs:
+                _log_run(log, out)
+    finally:
+        for name in merged.values():
+            if name in lib:
+                lib.remove(name)
+    results = {o["name"]: o["result"] for o in outs}
+    diagnostics = {o["name"]: o["diagnostics"] for o in outs if o["diagnostics"] is not None}
     return {"held_in": list(held_in), "held_out": list(held_out), "n_test": settings.n_test,
             "shots": settings.shots, "router_steps": settings.router_steps, "results": results,
             "diagnostics": diagnostics, "targets": targets(results)}
@@ -250,7 +147,7 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_groups(model, tok, spec, lib, report: dict, settings: Settings, args) -> None:
+def run_groups(model, tok, spec, lib, report: dict, settings: Settings, args, ray: OnRay | None = None) -> None:
     """The related-task merges and the MBC library (:mod:`quiver.bench.groups`) into ``report``."""
     from quiver.routing import Single
     from quiver.runtime import RoutedModel
@@ -269,10 +166,11 @@ def run_groups(model, tok, spec, lib, report: dict, settings: Settings, args) ->
         finally:
             rm.unwrap()
         print("merges of related tasks (normalised by each task's own adapter):")
-        report["related_merges"] = evaluate_merges(model, tok, lib, groups, answer_all, _score, own, settings.n_test)
+        report["related_merges"] = evaluate_merges(model, tok, lib, groups, answer_all, _score, own, settings.n_test,
+                                                   ray=ray)
     if args.cluster_adapters is not None:
         print(f"MBC library ({len(groups)} cluster adapters from {args.cluster_adapters}):")
-        mbc = evaluate_cluster_library(model, tok, spec, args.library_dir.parent / "mbc-library", args.cluster_adapters,
+        mbc = evaluate_cluster_library(model, tok, spec, args.work_dir / "mbc-library", args.cluster_adapters,
                                        groups, HELD_IN, HELD_OUT, answer_all, _score, settings.n_test)
         report["mbc"] = mbc
         for name, r in mbc["results"].items():
@@ -288,7 +186,7 @@ def diagnostics_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def open_task_library(path: Path, spec: BaseModelSpec, adapters_dir: Path | None = None) -> Library:
+def open_task_library(path: Path | str, spec: BaseModelSpec, adapters_dir: Path | None = None) -> Library:
     from quiver.training.tasklib import SHIPPED, register_task_adapters
 
     lib = Library.open(path, base_model=spec)
@@ -304,7 +202,14 @@ def main(argv=None) -> None:
     mode.add_argument("--full", action="store_true", help="40 test prompts per task")
     ap.add_argument("--n", type=int, help="test prompts per task (overrides the mode)")
     ap.add_argument("--methods", nargs="*", help=f"subset of {', '.join(QUICK.methods)}")
-    ap.add_argument("--library", type=Path, help="task library directory (default: in the model cache)")
+    ap.add_argument("--library", help="task library: a directory (default: in the model cache) or a team "
+                                      "library's postgresql:// URL")
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="base model: a registered name or a Hugging Face directory (default: %(default)s)")
+    ap.add_argument("--ray", action="store_true",
+                    help="run the methods and PCB's coefficient candidates as Ray tasks (each worker loads the "
+                         "model and opens the library: on several machines, give a team library)")
+    ap.add_argument("--ray-address", help="the Ray cluster (default: $RAY_ADDRESS, else a local one)")
     ap.add_argument("--adapters", type=Path, help="task adapter directories (default: the shipped ones)")
     ap.add_argument("--out", type=Path, default=Path("bench-results"), help="where quality.json/.png go")
     ap.add_argument("--groups", type=Path, default=GROUPS,
@@ -326,14 +231,16 @@ def main(argv=None) -> None:
         settings.methods = tuple(args.methods)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model, tok = load_base_model("smollm2-135m")
+    model, tok = load_base_model(args.model)
     spec = BaseModelSpec.from_model(model)
-    args.library_dir = args.library or default_cache_dir() / "task-library"
-    lib = open_task_library(args.library_dir, spec, args.adapters)
+    location = args.library or str(default_cache_dir() / "task-library")
+    args.work_dir = Path(location).parent if "://" not in location else default_cache_dir()
+    lib = open_task_library(location, spec, args.adapters)
+    ray = OnRay(absolute_location(args.model), absolute_location(location), args.ray_address) if args.ray or args.ray_address else None
     print(f"{len(HELD_IN)} held-in + {len(HELD_OUT)} held-out tasks, {settings.n_test} test prompts each; "
-          f"{torch.get_num_threads()} threads")
-    report = evaluate(model, tok, lib, HELD_IN, HELD_OUT, settings)
-    run_groups(model, tok, spec, lib, report, settings, args)
+          + ("on Ray" if ray else f"{torch.get_num_threads()} threads"))
+    report = evaluate(model, tok, lib, HELD_IN, HELD_OUT, settings, ray=ray)
+    run_groups(model, tok, spec, lib, report, settings, args, ray)
     report["total_seconds"] = round(time.perf_counter() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(report, indent=1))

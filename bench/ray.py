@@ -29,8 +29,9 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
+
+from quiver.serve.health import wait_healthy
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -77,21 +78,6 @@ def make_library(path: Path, spec, n: int, names=None):
                     description=f"adapter {name}: task {i % 17} about topic {i % 29}")
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"quiver serve --ray exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"quiver serve --ray did not come up:\n{log.read_text()[-2000:]}")
-
-
 def bench_serving(address: str, library: Path, model_dir: Path, replicas: int, requests: int, tmp: Path) -> dict:
     from openai import OpenAI
 
@@ -106,7 +92,7 @@ def bench_serving(address: str, library: Path, model_dir: Path, replicas: int, r
                                  f"model.name={model_dir}", f"serve.ray.app_name=bench{replicas}"],
                                 stdout=out, stderr=subprocess.STDOUT)
         try:
-            _wait_healthy(url, proc, log)
+            wait_healthy(url, proc, timeout=300, log=log, what="quiver serve --ray")
             client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
 
             def one(i: int) -> tuple[float, int]:

@@ -30,6 +30,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from quiver.serve.health import wait_healthy
+
 ADAPTER_RR = ("date_iso", "km_to_m", "uppercase", "sentiment")  # round-robin for "one adapter per request"
 MODES = {"base": lambda i: "base", "adapter": lambda i: f"adapter:{ADAPTER_RR[i % 4]}", "arrow": lambda i: "quiver"}
 
@@ -63,18 +65,12 @@ def start_server(library: Path, dtype: str, threads: int) -> tuple[subprocess.Po
                              f"model.dtype={dtype}", "serve.max_batch_size=32"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("the server did not start")
+    try:
+        wait_healthy(url, proc, timeout=300)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc, url
 
 
 def run_cell(url: str, mode: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:

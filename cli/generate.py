@@ -63,19 +63,6 @@ def _trace_paths(trace: Path, n: int) -> list[Path]:
     return [trace.with_name(f"{trace.stem}-{i}{trace.suffix or '.png'}") for i in range(n)]
 
 
-def _min_capacity(cfg, n_adapters: int) -> int:
-    """How many adapters one forward call may need at once under the configured router."""
-    r = cfg.router
-    if r.get("top_k") is not None:
-        return min(int(r.top_k), n_adapters)
-    target = str(r.get("_target_", ""))
-    if target.endswith(("Uniform", "MHR", "Poly")):
-        return len(r.adapters) if r.get("adapters") else n_adapters
-    if target.endswith("Fixed"):
-        return max(1, len(r.get("weights") or {}))
-    return 1
-
-
 def generate(
     ctx: typer.Context,
     prompt: Annotated[Optional[list[str]], typer.Option(help="A prompt; repeatable.")] = None,
@@ -109,14 +96,14 @@ def generate(
     pngs = _trace_paths(trace, len(prompts)) if trace is not None else []
     for png in pngs:  # before any work: answers are never lost to an unwritable trace path
         check_output_file(png, protect=[lib.path])
-    if g.capacity is not None and g.capacity < _min_capacity(cfg, len(lib)):
-        raise ValueError(f"generate.capacity={g.capacity} is below the {_min_capacity(cfg, len(lib))} adapters "
-                         "one step of this router may need at once; raise it or use generate.capacity=null (all)")
     if task:
         tasks = task * len(prompts) if len(task) == 1 else list(task)
     else:
         tasks = file_tasks if any(t is not None for t in file_tasks) else None
     router = build_router(cfg.router, lib)
+    if g.capacity is not None and g.capacity < router.min_resident(len(lib)):
+        raise ValueError(f"generate.capacity={g.capacity} is below the {router.min_resident(len(lib))} adapters "
+                         "one step of this router may need at once; raise it or use generate.capacity=null (all)")
     model, tok = load_base_model(cfg.model.name, cache_dir=cfg.model.cache_dir,
                                  dtype=getattr(torch, cfg.model.dtype), device=cfg.model.device)
     rm = RoutedModel(model, lib, router=router, capacity=g.capacity, backend=g.backend)

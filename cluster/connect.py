@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 log = logging.getLogger("quiver.cluster")
 
@@ -53,3 +54,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None):
         except ConnectionError as e:
             raise ConnectionError(f"cannot join the Ray cluster at {target}: {e}") from None
     return ctx
+
+
+def absolute_location(value: str) -> str:
+    """A local path as an absolute one (workers and replicas run in other working directories);
+    a URL or a registered model name is kept as given."""
+    return str(Path(value).resolve()) if "://" not in value and Path(value).exists() else value

@@ -1,4 +1,5 @@
-"""Library-wide jobs as Ray tasks: ``quiver library embed --ray``.
+"""Library-wide jobs as Ray tasks: :func:`run_tasks` (any module-level function over plain
+arguments; ``quiver bench quality --ray`` uses it too) and ``quiver library embed --ray``.
 
 The driver splits the library's adapters into chunks and starts one Ray task per chunk. Each
 task opens the library itself (from its location: a directory on one machine, the team
@@ -33,33 +34,44 @@ def _embed_chunk(config: dict, location: str, names: list[str], kinds: list[str]
     import torch
     from omegaconf import OmegaConf
 
-    from quiver.library import embeddings as emb
-    from quiver.library.derived import ARROW_CONFIG, _arrow_bytes, _vec_bytes
-
     from .serve import open_library
 
     torch.set_num_threads(1)
     lib = open_library(OmegaConf.create(config), location)
-    written = 0
     try:
-        records = [lib.info(n) for n in names if n in lib]  # one removed meanwhile is skipped
-        items = []
-        if "arrow" in kinds:
-            items += [(r.blob, "arrow", ARROW_CONFIG, _arrow_bytes(lib.get(r.name))) for r in records
-                      if lib._derived(r.blob, "arrow", ARROW_CONFIG) is None]
-        if "text" in kinds:
-            keys = [lib._text_key(r) for r in records]
-            todo = [(r, k) for r, k in zip(records, keys) if lib._derived(r.blob, "text", k) is None]
-            if todo:
-                texts = [emb.adapter_text(r.description, r.examples) for r, _ in todo]
-                vecs = emb.embed_texts(texts, lib.embed_config.text_batch_size)
-                items += [(r.blob, "text", k, _vec_bytes(v)) for (r, k), v in zip(todo, vecs)]
-        if items:
-            lib._put_derived(items)
-        written = len(items)
+        return lib.embed_adapters(names, kinds)
     finally:
         lib.close()
-    return written
+
+
+def run_tasks(fn, calls: list[tuple], *, address: str | None = None, weights: list[int] | None = None,
+              desc: str = "Ray tasks", unit: str = "task", progress: bool = True, max_retries: int = 2) -> list:
+    """``[fn(*args) for args in calls]``, each call a Ray task of one CPU; results in call order.
+
+    ``fn`` must be a module-level function of an installed module (Ray ships it by reference),
+    and ``calls`` plain data: this is how Quiver's library-wide jobs reach the cluster (the
+    embedding job above, the quality benchmark's methods, PCB's coefficient candidates). A task
+    that fails is retried ``max_retries`` times (a node lost mid-job); a task's own error
+    surfaces here with its traceback once the progress bar (``weights``: units per call) closes.
+    """
+    import ray
+    from tqdm import tqdm
+
+    from .connect import connect
+
+    if not calls:
+        return []
+    connect(address)
+    task = ray.remote(num_cpus=1, max_retries=max_retries)(fn)
+    refs = [task.remote(*args) for args in calls]
+    weight = dict(zip(refs, weights or [1] * len(refs)))
+    pending = list(refs)
+    with tqdm(total=sum(weight.values()), desc=desc, unit=unit, disable=not progress) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)  # fail fast: the first error stops the job
+            bar.update(weight[done[0]])
+    return ray.get(refs)
 
 
 def embed(cfg, lib, kinds=EMBED_KINDS, *, location: str | None = None, address: str | None = None,
@@ -71,7 +83,6 @@ def embed(cfg, lib, kinds=EMBED_KINDS, *, location: str | None = None, address: 
     per CPU of the cluster, at most 64 adapters each)."""
     import ray
     from omegaconf import OmegaConf
-    from tqdm import tqdm
 
     from .connect import connect
 
@@ -88,13 +99,8 @@ def embed(cfg, lib, kinds=EMBED_KINDS, *, location: str | None = None, address: 
         size = chunk_size or max(1, min(64, math.ceil(len(names) / (2 * cpus))))
         config = OmegaConf.to_container(cfg, resolve=True)
         where = location or str(lib.path)
-        task = ray.remote(num_cpus=1, max_retries=2)(_embed_chunk)
-        pending = [task.remote(config, where, names[i:i + size], per_adapter) for i in range(0, len(names), size)]
-        with tqdm(total=len(names), desc=f"{'+'.join(per_adapter)} on Ray", unit="adapter",
-                  disable=not progress) as bar:
-            sizes = {ref: min(size, len(names) - i * size) for i, ref in enumerate(pending)}
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                ray.get(done)  # a task's error surfaces here, with its traceback
-                bar.update(sizes[done[0]])
+        chunks = [names[i:i + size] for i in range(0, len(names), size)]
+        run_tasks(_embed_chunk, [(config, where, chunk, per_adapter) for chunk in chunks],
+                  weights=[len(c) for c in chunks], desc=f"{'+'.join(per_adapter)} on Ray", unit="adapter",
+                  address=address, progress=progress)
     return lib.embed(kinds=tuple(kinds), progress=progress)

@@ -44,6 +44,8 @@ from pathlib import Path
 from fastapi import FastAPI, Request  # module level: the ingress's annotations name them
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from .connect import absolute_location
+
 log = logging.getLogger("quiver.cluster")
 
 REPLICA_HEADER = "x-quiver-replica"  # which replica answered: "HOST:PID"
@@ -125,12 +127,6 @@ def open_library(cfg, location: str):
                         index_config=instantiate(cfg.library.index))
 
 
-def _absolute(value: str) -> str:
-    """A local path as an absolute one (replicas run in other working directories); a URL or a
-    registered model name is kept as given."""
-    return str(Path(value).resolve()) if "://" not in value and Path(value).exists() else value
-
-
 def build_app(cfg, location: str, *, api_key_file: str | None = None, replicas: int | None = None):
     """The Ray Serve application (not yet running) for composed config ``cfg`` over the library
     at ``location``. ``replicas``: a fixed count; None: autoscale within ``serve.ray``'s bounds."""
@@ -145,10 +141,10 @@ def build_app(cfg, location: str, *, api_key_file: str | None = None, replicas: 
         raise ValueError(f"serve.ray.min_replicas={rc.min_replicas} and max_replicas={rc.max_replicas} "
                          "do not bound a replica count (need 0 <= min <= max, max >= 1)")
     plain = OmegaConf.to_container(cfg, resolve=True)
-    plain["model"]["name"] = _absolute(str(cfg.model.name))
+    plain["model"]["name"] = absolute_location(str(cfg.model.name))
     if cfg.model.get("cache_dir"):
-        plain["model"]["cache_dir"] = _absolute(str(cfg.model.cache_dir))
-    location = _absolute(location)
+        plain["model"]["cache_dir"] = absolute_location(str(cfg.model.cache_dir))
+    location = absolute_location(location)
     key_file = str(Path(api_key_file).resolve()) if api_key_file is not None else None
     if key_file is not None:
         from quiver.serve.auth import load_keys

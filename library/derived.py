@@ -61,9 +61,15 @@ class DerivedMixin:
     def text_embeddings(self, progress: bool = True) -> tuple[list[str], torch.Tensor]:
         """Names and ``[N, 384]`` unit text embeddings; missing ones are computed in batches."""
         records = self.list()
+        have = self._text_vectors(records, progress)
+        vectors = torch.stack([_vec_from(d) for d in have]) if records else torch.zeros(0, emb.TEXT_DIM)
+        return [r.name for r in records], vectors
+
+    def _text_vectors(self, records, progress: bool = False) -> list[bytes]:
+        """Each record's stored text vector; the missing ones are embedded in batches and stored."""
         keys = [self._text_key(r) for r in records]
-        have = {i: self._derived(r.blob, "text", k) for i, (r, k) in enumerate(zip(records, keys))}
-        todo = [i for i, d in have.items() if d is None]
+        have = [self._derived(r.blob, "text", k) for r, k in zip(records, keys)]
+        todo = [i for i, d in enumerate(have) if d is None]
         if todo:
             texts = [emb.adapter_text(records[i].description, records[i].examples) for i in todo]
             vecs = emb.embed_texts(texts, self.embed_config.text_batch_size,
@@ -72,8 +78,7 @@ class DerivedMixin:
             self._put_derived(items)
             for i, item in zip(todo, items):
                 have[i] = item[3]
-        vectors = torch.stack([_vec_from(have[i]) for i in range(len(records))]) if records else torch.zeros(0, emb.TEXT_DIM)
-        return [r.name for r in records], vectors
+        return have
 
     def search(self, query: str, k: int = 3) -> list[tuple[str, float]]:
         """Adapters whose description/examples best match ``query``: ``[(name, cosine)]``."""
@@ -185,6 +190,29 @@ class DerivedMixin:
         return {"k": k, "clusters": {str(i): g for i, g in enumerate(ordered)}}
 
     # -- all at once ---------------------------------------------------------------------------
+    def embed_adapters(self, names, kinds=("arrow", "text")) -> int:
+        """Compute and store the *per-adapter* embeddings (``arrow``, ``text``) of ``names``
+        that are missing; returns how many items were written. What a worker of a distributed
+        :meth:`embed` runs on its share of the library (the svd fit and the search index need
+        the whole library and stay with :meth:`embed`). Names no longer in the library (removed
+        meanwhile) are skipped."""
+        unknown = set(kinds) - {"arrow", "text"}
+        if unknown:
+            raise ValueError(f"not per-adapter embedding kind(s) {sorted(unknown)}; valid: arrow, text")
+        records = [self.info(n) for n in names if n in self]
+        written = 0
+        if "arrow" in kinds:
+            items = [(r.blob, "arrow", ARROW_CONFIG, _arrow_bytes(self.get(r.name))) for r in records
+                     if self._derived(r.blob, "arrow", ARROW_CONFIG) is None]
+            if items:
+                self._put_derived(items)
+            written += len(items)
+        if "text" in kinds:
+            missing = sum(self._derived(r.blob, "text", self._text_key(r)) is None for r in records)
+            self._text_vectors(records)
+            written += missing
+        return written
+
     def embed(self, kinds=("arrow", "svd", "text"), progress: bool = True) -> dict[str, int]:
         """Compute every missing embedding of the given kinds; returns how many exist per kind."""
         unknown = set(kinds) - {"arrow", "svd", "text"}

@@ -24,7 +24,7 @@ from .mos import (
     save_mos,
     save_pools,
 )
-from .search import CoefficientSearch, search_pcb_coefficients, task_vectors
+from .search import CoefficientSearch, PcbParts, search_coefficients, search_pcb_coefficients, task_vectors
 
 __all__ = [
     "METHODS",
@@ -34,6 +34,7 @@ __all__ = [
     "MoSAdapter",
     "MoSConfig",
     "MoSPools",
+    "PcbParts",
     "build",
     "compress",
     "expand",
@@ -46,6 +47,7 @@ __all__ = [
     "retained_energy",
     "save_mos",
     "save_pools",
+    "search_coefficients",
     "search_pcb_coefficients",
     "task_vectors",
 ]

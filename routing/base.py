@@ -113,6 +113,7 @@ class Router:
     per_token: bool = True  # see the module docstring
     mode: str = "merge-after"  # or "merge-before"
     head_splits: int = 1  # H > 1: route over H head views of each source (MHR)
+    top_k: int | None = None  # routers that pick k of their adapters (per token or per request)
 
     def __init__(self, adapters: list[str] | None = None):
         self.adapters = list(adapters) if adapters is not None else None
@@ -129,6 +130,13 @@ class Router:
 
     def route(self, x: Tensor, site: RoutingSite) -> RoutingDecision:  # x: [T, d_in]
         raise NotImplementedError
+
+    def min_resident(self, universe: int) -> int:
+        """The fewest adapters one forward of this router needs resident at once (a bank of
+        smaller capacity can never serve it): ``top_k`` for a router that picks k, else every
+        adapter it routes over (its own list, or the ``universe`` the runtime gives it)."""
+        n = len(self.adapters) if self.adapters is not None else universe
+        return min(self.top_k, n) if self.top_k is not None else n
 
     def prepare(self, *, prompts: list[str] | None = None, tasks: list[str | None] | None = None) -> None:
         """Per-request information for the next forward/generate calls (row i = request i).

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from quiver.serve.health import wait_healthy
 from serve_helpers import ADAPTERS, CHAT_TEMPLATE, KEY, free_port, http
 
 MODELS = ["quiver", "base"] + [f"adapter:{n}" for n in ADAPTERS]
@@ -30,18 +31,11 @@ class RayServer:
         self._log = open(self.log, "w")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={k: v for k, v in os.environ.items() if k != "QUIVER_API_KEYS"})
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"quiver serve --ray exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if http(self.url + "/health", timeout=2)[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"quiver serve --ray did not come up:\n{self.log.read_text()[-3000:]}")
+        try:
+            wait_healthy(self.url, self.proc, timeout=240, log=self.log, what="quiver serve --ray", poll=0.5)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def client(self, api_key: str = KEY):
         from openai import OpenAI
@@ -218,19 +212,35 @@ def test_replica_killed_mid_load_fails_or_retries_its_requests_and_recovers(serv
         except openai.APIStatusError as e:
             plain[i] = (e.status_code, e.body)
 
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
-    threads += [threading.Thread(target=request, args=(i,)) for i in range(8, 12)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 60
-    while len(streams) < 8 and time.monotonic() < deadline:  # every stream started: it is decoding
-        time.sleep(0.05)
-    holders = [r for r, _ in streams.values()]
+    threads = []
+
+    def launch(target, i: int) -> None:
+        threads.append(threading.Thread(target=target, args=(i,)))
+        threads[-1].start()
+
+    def started(n: int) -> list:  # wait until streams 0..n-1 have their headers: they decode
+        deadline = time.monotonic() + 60
+        while len(streams) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return [r for r, _ in streams.values() if r is not None]
+
+    for i in range(8):
+        launch(stream, i)
+    for i in range(40, 44):  # plain requests, keys of their own
+        launch(request, i)
+    n_streams = 8
+    holders = started(n_streams)
+    while len(set(holders)) < 2 and n_streams < 16:  # the load must reach both replicas: more streams
+        launch(stream, n_streams)
+        n_streams += 1
+        holders = started(n_streams)
+    assert len(set(holders)) == 2, f"the streams did not reach both replicas: {holders}"
     victim = max(set(holders), key=holders.count)
     os.kill(int(victim.rsplit(":", 1)[1]), signal.SIGKILL)
     for t in threads:
         t.join(180)
-    assert len(streams) == 8 and len(plain) == 4 and all(v[1] is not None for v in streams.values()), (streams, plain)
+    assert len(streams) == n_streams and len(plain) == 4, (streams, plain)
+    assert all(v[1] is not None for v in streams.values()), streams
     for replica, outcome in streams.values():
         if replica == victim:  # cut: the client sees the error event, not a short success
             assert isinstance(outcome, openai.APIError) and "replica" in str(outcome), outcome

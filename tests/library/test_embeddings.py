@@ -36,6 +36,24 @@ def test_library_caches_arrow_prototypes_per_content(lib, tiny_spec):
     assert lib._catalog.one("SELECT COUNT(*) AS n FROM derived")["n"] == 0
 
 
+def test_embed_adapters_stores_what_a_worker_computes_for_its_share(lib, tiny_spec):
+    """The per-adapter part of embed (what each Ray task runs): only the named adapters, only
+    what is missing, and the values the library would compute itself."""
+    for i, n in enumerate("abc"):
+        lib.add(random_adapter(tiny_spec, n, rank=2, seed=i), description=f"adapter {n} about topic {i}")
+    assert lib.embed_adapters(["a", "b", "gone"], kinds=("arrow", "text")) == 4  # "gone": removed meanwhile
+    kinds = lib._catalog.all("SELECT kind, COUNT(*) AS n FROM derived GROUP BY kind ORDER BY kind")
+    assert [(r["kind"], r["n"]) for r in kinds] == [("arrow", 2), ("text", 2)]
+    assert lib.embed_adapters(["a", "b", "c"], kinds=("arrow",)) == 1  # only c's was missing
+    stored, ad = lib.arrow_prototypes("c"), lib.get("c")
+    path = next(iter(stored))
+    assert torch.equal(stored[path][0], emb.arrow_prototype(ad.modules[path].A, ad.modules[path].B, ad.scaling(path))[0])
+    names, vectors = lib.text_embeddings(progress=False)  # a, b cached; c computed here
+    assert names == ["a", "b", "c"] and torch.allclose(vectors.norm(dim=1), torch.ones(3), atol=1e-5)
+    with pytest.raises(ValueError, match="not per-adapter embedding kind"):
+        lib.embed_adapters(["a"], kinds=("svd",))
+
+
 def test_svd_embeddings_match_dense_truncated_svd(tmp_path, tiny_spec):
     lib = Library.open(tmp_path / "l", base_model=tiny_spec)
     lib.embed_config.svd_keep = 0.3

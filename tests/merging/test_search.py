@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from quiver.library.errors import ValidationError
-from quiver.merging import merge_tensors, search_pcb_coefficients, task_vectors
+from quiver.merging import PcbParts, merge_tensors, search_coefficients, search_pcb_coefficients, task_vectors
 
 pytest.importorskip("nevergrad")
 pytestmark = pytest.mark.filterwarnings("ignore:COBYLA:UserWarning")  # nevergrad → scipy noise
@@ -33,6 +33,32 @@ def test_search_recovers_the_coefficients_of_a_known_optimum(model):
     assert result.score == pytest.approx(evaluate(merged), abs=1e-6)
 
 
+def test_batched_search_depends_only_on_the_scores(model):
+    """Candidates proposed four at a time and scored in any order (as parallel workers would)
+    give the result of scoring them one after another in this process."""
+    target = merge_tensors(model, "pcb", TARGET, ratio=0.3)
+    parts = PcbParts(model, ratio=0.3)
+
+    def score(lam):
+        merged = parts.merged(lam)
+        return -sum(float(((merged[k] - target[k]) ** 2).sum()) for k in merged)
+
+    seen = []
+
+    def shuffled(cands):  # scored last-first, as workers finishing out of order would
+        seen.append(len(cands))
+        return [s for s in reversed([score(c) for c in reversed(cands)])]
+
+    local = search_pcb_coefficients(model, lambda m: -sum(float(((m[k] - target[k]) ** 2).sum()) for k in m),
+                                    ratio=0.3, budget=120, batch=4)
+    remote = search_coefficients(parts.count, shuffled, budget=120, batch=4)
+    assert remote.lambdas == local.lambdas and remote.score == pytest.approx(local.score)
+    assert seen[:-1] == [4] * 30 and seen[-1] == 1  # 30 rounds of 4, then the recommendation
+    assert remote.lambdas == pytest.approx(TARGET, abs=0.05)
+    with pytest.raises(ValidationError, match="2 coefficients for 3 sources"):
+        parts.merged([1.0, 1.0])
+
+
 def test_search_stays_within_the_bounds(model):
     result = search_pcb_coefficients(
         model, lambda m: float(m["b"].sum()), ratio=0.3, bounds=(0.9, 1.1), budget=30
@@ -52,3 +78,5 @@ def test_bad_search_settings_are_refused(model):
         search_pcb_coefficients(model, lambda m: 0.0, optimizer="Nope")
     with pytest.raises(ValidationError, match="lower < upper"):
         search_pcb_coefficients(model, lambda m: 0.0, bounds=(1.3, 0.8))
+    with pytest.raises(ValidationError, match="batch must be a positive integer"):
+        search_coefficients(3, lambda c: [0.0] * len(c), batch=0)

@@ -8,10 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from quiver.serve.health import wait_healthy
 
 KEY = "test-key-0123456789"
 ADAPTERS = {  # name -> description (retrieval searches these)
@@ -82,18 +83,11 @@ class Server:
         self.log = (tmp or library.parent) / f"server-{self.port}.log"
         self._log = open(self.log, "w")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if http(self.url + "/health", timeout=1)[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server did not come up:\n{self.log.read_text()[-3000:]}")
+        try:
+            wait_healthy(self.url, self.proc, timeout=120, log=self.log, what="the server", poll=0.2)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def client(self, key: str | None = KEY, **kw):
         from openai import OpenAI
