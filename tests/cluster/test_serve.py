@@ -13,7 +13,7 @@ import time
 import pytest
 
 from quiver.serve.health import wait_healthy
-from serve_helpers import ADAPTERS, CHAT_TEMPLATE, KEY, free_port, http
+from serve_helpers import ADAPTERS, KEY, free_port, http, save_model_dir
 
 MODELS = ["quiver", "base"] + [f"adapter:{n}" for n in ADAPTERS]
 
@@ -69,16 +69,7 @@ def _fill(lib, spec):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_model, tiny_tokenizer):
-    import copy
-
-    path = tmp_path_factory.mktemp("ray-tiny")
-    model = copy.deepcopy(tiny_model)
-    model.config.max_position_embeddings = 4096  # long enough requests to be cut by a replica's death
-    model.save_pretrained(path)
-    tok = copy.deepcopy(tiny_tokenizer)
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(path)
-    return path
+    return save_model_dir(tmp_path_factory.mktemp("ray-tiny"), tiny_model, tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ four random adapters (+ a saved router), and real `quiver serve` processes on 12
 
 from __future__ import annotations
 
-import copy
 import shutil
 import sys
 from pathlib import Path
@@ -13,19 +12,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # serve_helpers, imported by the tests too
 
-from serve_helpers import CHAT_TEMPLATE, KEY, Server, build_library  # noqa: E402
+from serve_helpers import KEY, Server, build_library, save_model_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def serve_model_dir(tmp_path_factory, tiny_model, tiny_tokenizer):
-    path = tmp_path_factory.mktemp("serve-tiny")
-    model = copy.deepcopy(tiny_model)  # same weights (and fingerprint); a longer context, so that
-    model.config.max_position_embeddings = 4096  # a request can run long enough to be interrupted
-    model.save_pretrained(path)
-    tok = copy.deepcopy(tiny_tokenizer)
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(path)
-    return path
+    return save_model_dir(tmp_path_factory.mktemp("serve-tiny"), tiny_model, tiny_tokenizer)
 
 
 @pytest.fixture(scope="session")

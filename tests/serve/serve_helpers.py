@@ -25,6 +25,21 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% 
                  "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
+def save_model_dir(path: Path, tiny_model, tiny_tokenizer) -> Path:
+    """The tiny Llama and tokenizer saved as a Hugging Face directory for a server: the same
+    weights (and fingerprint), the chat template, and a longer context, so that a request can
+    run long enough to be interrupted."""
+    import copy
+
+    model = copy.deepcopy(tiny_model)
+    model.config.max_position_embeddings = 4096
+    model.save_pretrained(path)
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(path)
+    return path
+
+
 def build_library(path: Path, spec, names=tuple(ADAPTERS)):
     from quiver.library import Library
     from quiver.library.synthetic import random_adapter
