@@ -17,6 +17,7 @@ compute them from the parameters in every step, so gradients flow to the skills.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -59,12 +60,17 @@ class LibrarySource:
 
     def __init__(self, library: Library, universe: list[str], bank: AdapterBank):
         self.library, self.universe, self.bank = library, universe, bank
-        self._bound: dict[int, tuple[Router, list[AdapterSource]]] = {}
+        self._bound: dict[int, list[AdapterSource]] = {}  # id(router) -> what the bank must hold for it
 
     def bind(self, router: Router) -> None:
-        if id(router) not in self._bound:
+        """Bind ``router`` to the universe once. The entry is held weakly: a router nobody uses
+        any more (say, evicted from the server's router cache) is freed, and its entry is removed
+        by its finaliser, which runs before its id can be given to a new object."""
+        key = id(router)
+        if key not in self._bound:
             router.bind(self.library, self.universe)
-            self._bound[id(router)] = (router, view_sources(router))  # keeps the router alive too
+            self._bound[key] = view_sources(router)
+            weakref.finalize(router, self._bound.pop, key, None)
 
     def begin_step(self) -> None:
         self.bank.begin_step()
@@ -75,7 +81,7 @@ class LibrarySource:
     def slots(self, router: Router) -> tuple[Tensor | None, bool]:
         """Bank slots of the router's sources (pinned), and whether they are 0, 1, 2, ...;
         (None, False) when they cannot all be resident beside the step's other adapters."""
-        needed = self._bound[id(router)][1]
+        needed = self._bound[id(router)]
         cap = self.bank.capacity
         if cap is not None and len({s.key for s in needed} | self.bank.pinned) > cap:
             return None, False  # the router loads what it selects
@@ -86,7 +92,7 @@ class LibrarySource:
         """Slots for the router's sources it selected in ``local`` (-1 elsewhere), loaded and
         pinned for the rest of the step (:class:`~quiver.runtime.bank.CapacityError` if the
         step cannot hold them)."""
-        needed = self._bound[id(router)][1]
+        needed = self._bound[id(router)]
         chosen = sorted(set(local[local >= 0].tolist()))
         table = torch.full((len(needed),), -1, dtype=torch.int64, device=self.bank.device)
         if chosen:

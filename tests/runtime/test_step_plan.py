@@ -171,3 +171,25 @@ def test_over_capacity_router_in_a_mixed_batch_with_merge_before(tiny_model, lib
     with pytest.raises(CapacityError, match=rf"more than the bank capacity {need - 1}"):
         RoutedModel(copy.deepcopy(tiny_model), lib9, capacity=need - 1)(input_ids=torch.tensor(prompts),
                                                                         routers=routers)
+
+
+@torch.no_grad()
+def test_routers_nobody_holds_are_released_and_a_new_one_routes_as_alone(tiny_model, lib9):
+    """A long-lived model (the server) binds many short-lived routers: each is freed with its
+    binding when dropped, and a router created later (perhaps at a freed one's address) routes
+    exactly as in a fresh model."""
+    import gc
+
+    rm = RoutedModel(copy.deepcopy(tiny_model), lib9, router=Single("a0"))
+    ids = torch.tensor([PROMPTS[0]])
+    bound = rm._engine.source._bound
+    baseline = len(bound)
+    for i in range(20):
+        rm(input_ids=ids, routers=[Arrow(top_k=1 + i % 3, adapters=TASK_ADAPTERS)])
+    gc.collect()
+    assert len(bound) == baseline, f"{len(bound) - baseline} dropped routers still bound"
+    late = Fixed({"a2": 0.7, "a5": 0.3})
+    got = rm(input_ids=ids, routers=[late]).logits
+    alone = RoutedModel(copy.deepcopy(tiny_model), lib9, router=Fixed({"a2": 0.7, "a5": 0.3}))
+    torch.testing.assert_close(got, alone(input_ids=ids).logits, rtol=0, atol=1e-6)
+    assert len(bound) == baseline + 1
