@@ -11,6 +11,11 @@ which sets A's random initialisation and the data order: with one seed for all, 
 starts from the same A, and after a short training their ΔW share one row space, so Arrow's
 prototypes (which live in that row space) could not tell the adapters apart. Each directory
 also holds ``training.json``: the recipe, the loss curve, the validation loss and the wall time.
+
+Options beyond the recipe (``--init``, ``--lr-a-ratio``; their routing is measured in
+``docs/routability.md``): ``init="b-random"`` starts A = 0 and B random instead of PEFT's
+reverse, so that A, and with it Arrow's prototypes, is learnt from the task's inputs;
+``lr_a_ratio`` lets A learn at that multiple of the learning rate.
 """
 
 from __future__ import annotations
