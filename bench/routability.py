@@ -1,6 +1,6 @@
 """Routing diagnostics without generation: does a router send a task's prompts to its adapter?
 
-    python -m quiver.bench.routability [--adapters DIR] [--n N] [--top-k K]
+    python -m quiver.bench.routability [--adapters DIR] [--tasks T ...] [--n N] [--top-k K]
     python -m quiver.bench.routability --study LABEL=DIR [LABEL=DIR ...] [--quality-n N] [--out DIR]
 
 Each held-in test prompt is read once (one prefill, no generation) through the routed model
@@ -187,15 +187,18 @@ def study_plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> None:
     from quiver.bench.quality import open_task_library
-    from quiver.library import BaseModelSpec, load_base_model
+    from quiver.library import BaseModelSpec, Library, load_base_model
     from quiver.library.base_model import default_cache_dir
     from quiver.routing import Arrow
     from quiver.runtime import RoutedModel
     from quiver.tasks import HELD_IN, get_task
+    from quiver.training.tasklib import SHIPPED, register_task_adapters
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapters", type=Path, help="task adapter directories (default: the shipped ones)")
     ap.add_argument("--library", type=Path, help="library directory (default: a fresh one per adapters dir)")
+    ap.add_argument("--tasks", nargs="+", help="route over these held-in tasks' adapters only, on their prompts "
+                    "(a cheap screen of a setting trained for a few tasks; default: all held-in)")
     ap.add_argument("--n", type=int, default=8, help="test prompts per held-in task")
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--json", type=Path, help="also write the report here")
@@ -217,15 +220,23 @@ def main(argv=None) -> None:
         study_plot(rows, args.out / "routability.png")
         print(study_table(rows))
         return
+    tasks = list(args.tasks or HELD_IN)
+    unknown = [t for t in tasks if t not in HELD_IN]
+    if unknown:
+        ap.error(f"--tasks: not held-in tasks (no adapter): {unknown}; held-in: {list(HELD_IN)}")
     model, tok = load_base_model("smollm2-135m")
     spec = BaseModelSpec.from_model(model)
     lib_dir = args.library or default_cache_dir() / ("routability-" + (args.adapters.resolve().as_posix().replace("/", "_") if args.adapters else "shipped"))
-    lib = open_task_library(lib_dir, spec, args.adapters)
-    items = [e.to_dict() for t in HELD_IN for e in get_task(t).examples("test", args.n)]
-    rm = RoutedModel(model, lib, router=Arrow(top_k=args.top_k, adapters=list(HELD_IN)), adapters=list(HELD_IN))
+    if args.tasks:
+        lib = Library.open(lib_dir, base_model=spec)
+        register_task_adapters(lib, args.adapters or SHIPPED, tasks=tasks)
+    else:
+        lib = open_task_library(lib_dir, spec, args.adapters)
+    items = [e.to_dict() for t in tasks for e in get_task(t).examples("test", args.n)]
+    rm = RoutedModel(model, lib, router=Arrow(top_k=args.top_k, adapters=tasks), adapters=tasks)
     rep = routing_diagnostics(rm, tok, items, rm.router)
     rm.unwrap()
-    print(f"Arrow top-{args.top_k} over {len(HELD_IN)} adapters, {rep['n_prompts']} prompts: own share "
+    print(f"Arrow top-{args.top_k} over {len(tasks)} adapters, {rep['n_prompts']} prompts: own share "
           f"{rep['own_share']:.3f} (all tokens {rep['own_share_all']:.3f}; random {rep['random']:.3f}), "
           f"own adapter on top {rep['top1_hit']:.1%}")
     for t, d in rep["per_task"].items():

@@ -46,10 +46,13 @@ def train_lora(model: nn.Module, tok, train: Sequence[dict], name: str, *,
                init: LoraAdapter | None = None, chat_template: bool = True, max_length: int = 256,
                checkpoint_dir: str | os.PathLike | None = None, snapshot_steps: Sequence[int] = (),
                on_snapshot: Callable[[int, LoraAdapter, float | None], None] | None = None,
-               ) -> tuple[LoraAdapter, TrainResult]:
+               factor_init: str = "a-random", lr_a_ratio: float = 1.0) -> tuple[LoraAdapter, TrainResult]:
     """Train one LoRA on ``train`` (examples with ``prompt``/``answer``); returns it and the log.
 
-    ``init``: start from this adapter (MHR-μ fine-tunes the averaged skills this way).
+    ``init``: start from this adapter (MHR-μ fine-tunes the averaged skills this way); else the
+    factors start as ``factor_init`` says (``"a-random"``: PEFT's, ``"b-random"``: A = 0 and B
+    random; see :data:`~quiver.training.lora.FACTOR_INITS`). ``lr_a_ratio``: A learns at this
+    multiple of ``config.lr`` (B at ``config.lr``).
     ``valid``: examples whose mean loss the evaluation hook reports as ``valid_loss``.
     ``snapshot_steps`` / ``on_snapshot(step, adapter, valid_loss)``: the adapter as it is after
     those steps of this one run (its learning-rate schedule spans ``config.steps``), e.g. to
@@ -57,7 +60,7 @@ def train_lora(model: nn.Module, tok, train: Sequence[dict], name: str, *,
     """
     config = config or TrainConfig()
     lora = LoraParams(model, targets, rank=rank, alpha=alpha, dropout=dropout,
-                      init=[init] if init is not None else None, seed=config.seed)
+                      init=[init] if init is not None else None, seed=config.seed, factor_init=factor_init)
     try:
         with frozen(model):
             loss_fn = make_lm_loss(model, tok, chat_template, max_length, _device(model))
@@ -69,7 +72,9 @@ def train_lora(model: nn.Module, tok, train: Sequence[dict], name: str, *,
                     with torch.no_grad():
                         on_snapshot(step, lora.to_adapter(name), mean_loss(loss_fn, valid) if valid else None)
 
-            result = Trainer(dict(lora.named_parameters()), loss_fn, train, config, eval_fn=eval_fn,
+            params = dict(lora.named_parameters())
+            lr_scale = {k: lr_a_ratio for k in params if k.startswith("A.")} if lr_a_ratio != 1.0 else None
+            result = Trainer(params, loss_fn, train, config, eval_fn=eval_fn, lr_scale=lr_scale,
                              modules=[lora], checkpoint_dir=checkpoint_dir, desc=f"lora {name}",
                              on_step=snapshot).fit()
         return lora.to_adapter(name), result

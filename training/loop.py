@@ -77,13 +77,15 @@ class Trainer:
     sampling routers). ``eval_fn() -> {metric: value}``. ``checkpoint_dir``: where ``last.*``
     checkpoints go; with ``resume=True`` an existing checkpoint there is continued.
     ``on_step(step)``: called after every optimiser step (e.g. to keep snapshots of one run).
+    ``lr_scale``: ``{parameter name: factor}``; those parameters learn at ``factor × lr`` (the same
+    schedule), the others at ``lr`` (e.g. LoRA's A and B at different rates).
     """
 
     def __init__(self, params: dict[str, nn.Parameter] | Sequence[nn.Parameter],
                  loss_fn: Callable[[list], Tensor], data: Sequence, config: TrainConfig | None = None, *,
                  eval_fn: Callable[[], dict] | None = None, modules: Sequence[nn.Module] = (),
                  checkpoint_dir: str | os.PathLike | None = None, desc: str = "train",
-                 on_step: Callable[[int], None] | None = None):
+                 on_step: Callable[[int], None] | None = None, lr_scale: dict[str, float] | None = None):
         self.params = dict(params) if isinstance(params, dict) else {f"p{i}": p for i, p in enumerate(params)}
         if not self.params:
             raise ValueError("nothing to train: no parameters given")
@@ -94,7 +96,17 @@ class Trainer:
         self.eval_fn, self.modules, self.desc, self.on_step = eval_fn, list(modules), desc, on_step
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         cfg = self.config
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        lr_scale = dict(lr_scale or {})
+        unknown = sorted(set(lr_scale) - set(self.params))
+        if unknown:
+            raise ValueError(f"lr_scale names parameters that are not trained: {unknown[:3]}")
+        if any(not f > 0 for f in lr_scale.values()):
+            raise ValueError(f"lr_scale factors must be > 0, got {sorted(set(lr_scale.values()))}")
+        by_factor: dict[float, list[nn.Parameter]] = {1.0: []}  # the unscaled group first: its lr is logged
+        for k, p in self.params.items():
+            by_factor.setdefault(float(lr_scale.get(k, 1.0)), []).append(p)
+        groups = [{"params": ps, "lr": cfg.lr * f} for f, ps in by_factor.items() if ps]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step = 0
         self.result = TrainResult(steps=cfg.steps)

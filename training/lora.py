@@ -33,17 +33,22 @@ class LoraParams(TrainableSource):
     """Trainable skills at the target linears of ``model``, attached on construction.
 
     ``init``: adapters to start from, one per skill (same targets; their rank must equal
-    ``rank``); else A is Kaiming-uniform and B zero (PEFT's default), seeded by ``seed``.
+    ``rank``); else the factors start as ``factor_init`` (a key of :data:`FACTOR_INITS`) says,
+    seeded by ``seed``: ``"a-random"`` (PEFT's default) draws A Kaiming-uniform and sets B = 0;
+    ``"b-random"`` swaps the roles (see :func:`_init_b_random`).
     ``names``: the skills' names (default ``skill-0 ..``, or ``lora`` for one skill).
     ``router``: routes the skills (default ``Single`` of the first skill).
     """
 
     def __init__(self, model: nn.Module, targets: Sequence[str], rank: int = 8, alpha: float = 16.0,
                  n_skills: int = 1, dropout: float = 0.0, init: Sequence[LoraAdapter] | None = None,
-                 seed: int = 0, names: Sequence[str] | None = None, router: Router | None = None):
+                 seed: int = 0, names: Sequence[str] | None = None, router: Router | None = None,
+                 factor_init: str = "a-random"):
         super().__init__()
         if rank < 1 or n_skills < 1:
             raise ValueError(f"rank and n_skills must be >= 1 (got {rank}, {n_skills})")
+        if factor_init not in FACTOR_INITS:
+            raise ValueError(f"unknown factor_init {factor_init!r}; known: {sorted(FACTOR_INITS)}")
         self.paths = resolve_targets(model, targets)
         self.names = list(names) if names is not None else (["lora"] if n_skills == 1 else
                                                              [f"skill-{s}" for s in range(n_skills)])
@@ -56,12 +61,9 @@ class LoraParams(TrainableSource):
         gen = torch.Generator().manual_seed(seed)
         for path in self.paths:
             lin = model.get_submodule(path)
-            d_out, d_in = lin.out_features, lin.in_features
-            A = torch.empty(n_skills, rank, d_in)
-            bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and PEFT do
-            A.uniform_(-bound, bound, generator=gen)
+            A, B = FACTOR_INITS[factor_init](n_skills, rank, lin.in_features, lin.out_features, gen)
             self.A[_key(path)] = nn.Parameter(A)
-            self.B[_key(path)] = nn.Parameter(torch.zeros(n_skills, d_out, rank))
+            self.B[_key(path)] = nn.Parameter(B)
         if init is not None:
             self._load_init(list(init))
         self._model = [model]  # not a submodule: the base model's parameters are not ours
@@ -117,6 +119,28 @@ class LoraParams(TrainableSource):
                                  B=self.B[_key(p)][skill].detach().float().cpu().clone(), alpha=self.alpha)
                    for p in self.paths}
         return LoraAdapter(name=name, base_model=base_model, modules=modules, rank=self.rank, alpha=self.alpha)
+
+
+def _init_a_random(S: int, r: int, d_in: int, d_out: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """PEFT's default: ``A ~ U(-1/√d_in, 1/√d_in)`` (``kaiming_uniform_(a=√5)``, as ``nn.Linear``),
+    ``B = 0``, so ΔW = B A starts at 0. Trained briefly, A stays close to its draw: ΔW's row space
+    (where Arrow's prototypes live) is then mostly the random one."""
+    bound = 1.0 / math.sqrt(d_in)
+    return torch.empty(S, r, d_in).uniform_(-bound, bound, generator=gen), torch.zeros(S, d_out, r)
+
+
+def _init_b_random(S: int, r: int, d_in: int, d_out: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The roles swapped: ``A = 0`` and ``B ~ U(-1/√d_in, 1/√d_in)`` (the bound A has by default,
+    so a step moves ΔW = B A by as much as under ``a-random``). ΔW still starts at 0; now
+    ``∂L/∂A = scaling · Bᵀ G Xᵀ`` (G: the output gradients, X: the inputs ``[d_in, tokens]``), so
+    A's rows, and with them ΔW's row space and Arrow's prototypes, are built from the task's
+    input directions rather than drawn at random."""
+    bound = 1.0 / math.sqrt(d_in)
+    return torch.zeros(S, r, d_in), torch.empty(S, d_out, r).uniform_(-bound, bound, generator=gen)
+
+
+# factor_init -> (S, r, d_in, d_out, generator) -> (A [S, r, d_in], B [S, d_out, r])
+FACTOR_INITS = {"a-random": _init_a_random, "b-random": _init_b_random}
 
 
 def _key(path: str) -> str:

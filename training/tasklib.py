@@ -11,6 +11,11 @@ which sets A's random initialisation and the data order: with one seed for all, 
 starts from the same A, and after a short training their ΔW share one row space, so Arrow's
 prototypes (which live in that row space) could not tell the adapters apart. Each directory
 also holds ``training.json``: the recipe, the loss curve, the validation loss and the wall time.
+
+Options beyond the recipe (``--init``, ``--lr-a-ratio``; their routing is measured in
+``docs/routability.md``): ``init="b-random"`` starts A = 0 and B random instead of PEFT's
+reverse, so that A, and with it Arrow's prototypes, is learnt from the task's inputs;
+``lr_a_ratio`` lets A learn at that multiple of the learning rate.
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ from quiver.library import BaseModelRef, Library, LoraAdapter, LoraModule, read_
 from quiver.tasks import HELD_IN, get_task
 
 from .adapter import train_lora
+from .lora import FACTOR_INITS
 from .loop import TrainConfig
 
 SHIPPED = Path(__file__).resolve().parents[1] / "tasks" / "adapters"
-RECIPE = dict(rank=4, alpha=8.0, targets=("q_proj", "v_proj"), n_train=240, n_valid=32,
+RECIPE = dict(rank=4, alpha=8.0, targets=("q_proj", "v_proj"), n_train=240, n_valid=32, init="a-random", lr_a_ratio=1.0,
               train=TrainConfig(steps=30, batch_size=8, lr=3e-3, warmup_steps=3))
 
 
@@ -91,7 +97,8 @@ def build_group_adapters(model, tok, out_dir: str | Path, groups: dict[str, Sequ
 
         adapter, result = train_lora(model, tok, train, name, targets=r["targets"], rank=r["rank"],
                                      alpha=r["alpha"], config=cfg, valid=valid, snapshot_steps=snapshots,
-                                     on_snapshot=keep)
+                                     on_snapshot=keep, factor_init=r["init"],
+                                     lr_a_ratio=r["lr_a_ratio"])
         seconds = time.perf_counter() - t0
         write_peft_dir(_bf16(adapter), target)
         log = {"task": name, "tasks": list(members), "step": cfg.steps, "seconds": round(seconds, 1),
@@ -156,6 +163,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--rank", type=int, default=RECIPE["rank"], help="LoRA rank (default: %(default)s).")
     ap.add_argument("--targets", nargs="+", default=list(RECIPE["targets"]),
                     help="Projections to adapt (default: %(default)s).")
+    ap.add_argument("--init", choices=sorted(FACTOR_INITS), default=RECIPE["init"],
+                    help="How the LoRA factors start (default: %(default)s): 'a-random' is PEFT's (A random, "
+                    "B = 0); 'b-random' swaps them (A = 0, B random), so that A's rows, where Arrow's "
+                    "prototypes live, are learnt from the task's inputs (see docs/routability.md).")
+    ap.add_argument("--lr-a-ratio", type=float, default=RECIPE["lr_a_ratio"],
+                    help="A learns at this multiple of --lr, B at --lr (default: %(default)s).")
     ap.add_argument("--snapshots", nargs="*", type=int, default=[],
                     help="Also keep each adapter after these steps of the run, in OUT/step-N/<task>.")
     args = ap.parse_args(argv)
@@ -163,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         ap.error(f"--snapshots must lie strictly between 0 and --steps ({args.steps})")
     model, tok = load_base_model("smollm2-135m")
     recipe = {"train": TrainConfig(**{**asdict(RECIPE["train"]), "steps": args.steps, "lr": args.lr}),
-              "rank": args.rank, "alpha": 2.0 * args.rank, "targets": tuple(args.targets)}
+              "rank": args.rank, "alpha": 2.0 * args.rank, "targets": tuple(args.targets), "init": args.init,
+              "lr_a_ratio": args.lr_a_ratio}
     if args.clusters is not None:
         groups = read_clusters(args.clusters)
         build_group_adapters(model, tok, args.out, groups, recipe, snapshots=args.snapshots)

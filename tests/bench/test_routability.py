@@ -59,3 +59,11 @@ def test_tasks_without_an_adapter_are_skipped_and_none_left_is_an_error(routed, 
 
 def test_template_prefix_is_counted_from_the_tokenizer(tiny_tokenizer):
     assert template_prefix_len(tiny_tokenizer) == 0  # no chat template: every token is the user's
+
+
+def test_the_task_screen_refuses_tasks_without_an_adapter(capsys):
+    from quiver.bench.routability import main
+
+    with pytest.raises(SystemExit):
+        main(["--tasks", "date_iso", "lowercase"])  # lowercase is held out: no adapter to route to
+    assert "not held-in tasks (no adapter): ['lowercase']" in capsys.readouterr().err
