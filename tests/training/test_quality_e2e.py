@@ -12,9 +12,11 @@ from quiver.tasks import get_task
 from quiver.training import TrainConfig, train_lora
 
 pytestmark = pytest.mark.real_model
-# The shipped adapters measured 0.183 / 0.79 on these 24 prompts (random: 1/12 = 0.083 / 0.083);
-# the issue's targets (0.5 / 0.9) are not met by them: docs/routability.md.
-OWN_SHARE_MIN, TOP1_MIN = 0.15, 0.7
+# The shipped adapters (--init b-random) measured 0.206 / 1.00 on these 24 prompts (random:
+# 1/12 = 0.083 / 0.083; the previous PEFT-initialised ones 0.183 / 0.79). Top-1 is held to the
+# issue's target (0.9); the share's target (0.5) is not met by any setting measured:
+# docs/routability.md.
+OWN_SHARE_MIN, TOP1_MIN = 0.17, 0.9
 
 
 def test_trained_task_adapters_beat_the_base_model_when_routed(real_model, tmp_path):
@@ -45,9 +47,9 @@ def test_trained_task_adapters_beat_the_base_model_when_routed(real_model, tmp_p
 
 
 def test_shipped_task_adapters_route_prompts_to_their_own_adapter(real_model, tmp_path):
-    """The shipped library routes better than chance: Arrow top-2 gives a held-in prompt's own
-    adapter about twice the random share of the routing weight on its task tokens and puts it on
-    top for most prompts (no generation: one prefill per batch)."""
+    """The shipped library routes: Arrow top-2 gives a held-in prompt's own adapter more than twice
+    the random share of the routing weight on its task tokens and puts it on top for at least 90%
+    of prompts (no generation: one prefill per batch)."""
     from quiver.bench.routability import routing_diagnostics
     from quiver.routing import Arrow
     from quiver.runtime import RoutedModel
