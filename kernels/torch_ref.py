@@ -40,31 +40,36 @@ def mixture_lora_reference(x: Tensor, bank: LoraBank, indices: Tensor, weights: 
     return torch.einsum("tkor,tkr->to", B[slot], h)  # [T, d_out]  expand + sum over slots
 
 
-def mixture_lora_gather(x: Tensor, bank: LoraBank, indices: Tensor, weights: Tensor) -> Tensor:
+def mixture_lora_gather(x: Tensor, bank: LoraBank, indices: Tensor, weights: Tensor,
+                        out: Tensor | None = None) -> Tensor:
     """Small batches (decoding): gather the T·k selected adapters' factors, two batched matmuls.
 
     No routing metadata and no device-to-host sync, so its fixed cost is a handful of kernel
     launches; memory is O(T·k·R·(d_in + d_out)), which is why the dispatcher uses it only for
     small T·k. Padding beyond an adapter's rank is masked out (skipped when every adapter in
-    the bank has the full rank R, the common case).
+    the bank has the full rank R, the common case). With ``out: [T, d_out]`` (x's dtype) the
+    delta is added into it in place (``out += delta``, one ``baddbmm_``) and ``out`` returned.
     """
     # x: [T, d_in], indices / weights: [T, k]
     T, k = indices.shape
     R, d_in, d_out = bank.max_rank, bank.d_in, bank.d_out
     slot = indices.clamp(min=0).reshape(-1)  # [T*k]
     A = bank.A.index_select(0, slot).view(T, k * R, d_in)  # [T, k·R, d_in]: one rank-k·R LoRA per token
-    h = torch.bmm(x.unsqueeze(1), A.transpose(1, 2)).view(T * k, R)  # [T*k, R]   shrink
-    h = h * torch.where(indices >= 0, weights, 0).to(x.dtype).reshape(-1, 1)  # gate
+    h = torch.bmm(A, x.unsqueeze(2)).view(T * k, R)  # [T*k, R]   shrink
+    h = h * weights.masked_fill(indices < 0, 0).to(x.dtype).reshape(-1, 1)  # gate
     Bt = bank.B.index_select(0, slot).transpose(1, 2)  # [T*k, R, d_out]
     if bank.padded:
         real = torch.arange(R, device=x.device) < bank.ranks.index_select(0, slot)[:, None]  # [T*k, R]
         h = torch.where(real, h, 0)  # where, not *: padding may hold NaN
         Bt = torch.where(real[:, :, None], Bt, 0)
-    out = torch.bmm(h.view(T, 1, k * R), Bt.reshape(T, k * R, d_out))  # [T, 1, d_out]   expand + Σ slots
-    return out.view(T, d_out)
+    Bt = Bt.reshape(T, k * R, d_out)  # [T, k·R, d_out]
+    if out is not None:  # out[t] += h[t] @ Bt[t]   expand + Σ slots, into the caller's buffer
+        out.view(T, 1, d_out).baddbmm_(h.view(T, 1, k * R), Bt)
+        return out
+    return torch.bmm(h.view(T, 1, k * R), Bt).view(T, d_out)  # expand + Σ slots
 
 
-def mixture_lora_grouped(x: Tensor, bank: LoraBank, meta: MixtureMeta) -> Tensor:
+def mixture_lora_grouped(x: Tensor, bank: LoraBank, meta: MixtureMeta, out: Tensor | None = None) -> Tensor:
     """The CPU path: one skinny GEMM pair per *active* adapter, at its real rank.
 
     With ``xs`` the routed rows sorted by adapter, each pre-scaled by its gate weight
@@ -80,13 +85,19 @@ def mixture_lora_grouped(x: Tensor, bank: LoraBank, meta: MixtureMeta) -> Tensor
     E: unrouted adapters cost nothing, and a decision with k slots but few distinct adapters
     (a per-example router repeating its row) runs as few large GEMMs. Low-precision inputs
     multiply in their dtype and sum the k slots in float32.
+
+    With ``out: [T, d_out]`` (x's dtype; the base layer's output) the delta is added into it in
+    place and ``out`` returned: in float32 the rows are summed straight into it (no ``[T, d_out]``
+    buffer, no extra pass), in low precision through a float32 buffer, as above.
     """
     # x: [T, d_in]
     if torch.is_grad_enabled() and (x.requires_grad or meta.pair_weights.requires_grad
                                     or bank.A.requires_grad or bank.B.requires_grad):
-        return _grouped_differentiable(x, bank, meta)
+        delta = _grouped_differentiable(x, bank, meta)
+        return delta if out is None else out.add_(delta)
     acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    out = torch.zeros(x.shape[0], bank.d_out, dtype=acc_dtype, device=x.device)  # [T, d_out]
+    into = out is not None and out.dtype == acc_dtype
+    acc = out if into else torch.zeros(x.shape[0], bank.d_out, dtype=acc_dtype, device=x.device)  # [T, d_out]
     rows = min(BLOCK_ROWS, meta.num_pairs)
     x_buf = torch.empty(rows, bank.d_in, dtype=x.dtype, device=x.device)  # [rows, d_in]
     y_buf = torch.empty(rows, bank.d_out, dtype=x.dtype, device=x.device)  # [rows, d_out]
@@ -99,8 +110,10 @@ def mixture_lora_grouped(x: Tensor, bank: LoraBank, meta: MixtureMeta) -> Tensor
         for e, x_e, y_e in zip(adapters, xs.split(sizes), ys.split(sizes)):
             a_t, b_t = views[e]  # [d_in, r_e], [r_e, d_out]
             torch.mm(torch.mm(x_e, a_t), b_t, out=y_e)  # y_e: [n_e, d_out]
-        out.index_add_(0, tok, ys.to(acc_dtype))
-    return out.to(x.dtype)
+        acc.index_add_(0, tok, ys if ys.dtype == acc_dtype else ys.to(acc_dtype))
+    if into:
+        return out
+    return acc.to(x.dtype) if out is None else out.add_(acc)
 
 
 def _grouped_differentiable(x: Tensor, bank: LoraBank, meta: MixtureMeta) -> Tensor:
