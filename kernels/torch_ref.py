@@ -55,9 +55,11 @@ def mixture_lora_gather(x: Tensor, bank: LoraBank, indices: Tensor, weights: Ten
     R, d_in, d_out = bank.max_rank, bank.d_in, bank.d_out
     slot = indices.clamp(min=0).reshape(-1)  # [T*k]
     A = bank.A.index_select(0, slot).view(T, k * R, d_in)  # [T, k·R, d_in]: one rank-k·R LoRA per token
-    h = torch.bmm(A, x.unsqueeze(2)).view(T * k, R)  # [T*k, R]   shrink
+    h = torch.bmm(x.unsqueeze(1), A.transpose(1, 2)).view(T * k, R)  # [T*k, R]   shrink
     h = h * weights.masked_fill(indices < 0, 0).to(x.dtype).reshape(-1, 1)  # gate
-    Bt = bank.B.index_select(0, slot).transpose(1, 2)  # [T*k, R, d_out]
+    # [T*k, R, d_out], contiguous: a plain copy of rows when the bank stores B transposed (the
+    # runtime's AdapterBank does), a transposing copy otherwise
+    Bt = bank.B.transpose(1, 2).index_select(0, slot)
     if bank.padded:
         real = torch.arange(R, device=x.device) < bank.ranks.index_select(0, slot)[:, None]  # [T*k, R]
         h = torch.where(real, h, 0)  # where, not *: padding may hold NaN
