@@ -94,7 +94,7 @@ class Arrow(Router):
             self._on_device[key] = (Pt, None if bool(present.all()) else present[:, None, :].to(x.device), n)
         Pt, present, n_present = self._on_device[key]  # Pt: [d_in, M·E]; present: bool [M, 1, E] or None (all)
         M = len(paths)
-        sim = (x @ Pt).abs().view(x.shape[0], M, -1).transpose(0, 1)  # [M, T, E]
+        sim = (x @ Pt).abs().view(x.shape[0], M, Pt.shape[1] // M).transpose(0, 1)  # [M, T, E]
         idx, w = top_k_softmax(sim, self.top_k, self.temperature, present, n_present)  # [M, T, k], rows contiguous
         return [RoutingDecision(idx[m], w[m]) for m in range(M)]
 
