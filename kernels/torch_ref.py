@@ -12,6 +12,8 @@ Slots with index -1 contribute nothing; the scaling is already folded into B.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -56,7 +58,8 @@ def mixture_lora_gather(x: Tensor, bank: LoraBank, indices: Tensor, weights: Ten
     slot = indices.clamp(min=0).reshape(-1)  # [T*k]
     A = bank.A.index_select(0, slot).view(T, k * R, d_in)  # [T, k·R, d_in]: one rank-k·R LoRA per token
     h = torch.bmm(x.unsqueeze(1), A.transpose(1, 2)).view(T * k, R)  # [T*k, R]   shrink
-    h = h * weights.masked_fill(indices < 0, 0).to(x.dtype).reshape(-1, 1)  # gate
+    gate = weights.masked_fill(indices < 0, 0)  # [T, k]
+    h = h * (gate if gate.dtype == x.dtype else gate.to(x.dtype)).reshape(-1, 1)
     # [T*k, R, d_out], contiguous: a plain copy of rows when the bank stores B transposed (the
     # runtime's AdapterBank does), a transposing copy otherwise
     Bt = bank.B.transpose(1, 2).index_select(0, slot)
@@ -69,6 +72,37 @@ def mixture_lora_gather(x: Tensor, bank: LoraBank, indices: Tensor, weights: Ten
         out.view(T, 1, d_out).baddbmm_(h.view(T, 1, k * R), Bt)
         return out
     return torch.bmm(h.view(T, 1, k * R), Bt).view(T, d_out)  # expand + Σ slots
+
+
+def mixture_lora_gather_siblings(x: Tensor, banks: Sequence[LoraBank], indices: Tensor, weights: Tensor,
+                                 outs: Sequence[Tensor]) -> None:
+    """The gather path for M modules that read the same ``x`` (q/k/v, gate/up), each with its
+    own bank and decision: ``outs[m] += delta_m`` in place, where ``delta_m`` is
+    :func:`mixture_lora_gather` of ``(x, banks[m], indices[m], weights[m])``.
+
+    One clamp, one gate and one batched shrink serve all M modules (their gathered A factors
+    side by side in one ``[M, T·k, R, d_in]`` buffer); only the gathers and the expands, whose
+    d_out differ, stay per module. Needs banks of one max rank R and one d_in (the caller
+    checks); an adapter below R is masked as in :func:`mixture_lora_gather`.
+    """
+    # x: [T, d_in], indices / weights: [M, T, k], outs[m]: [T, d_out_m]
+    M, T, k = indices.shape
+    R, d_in = banks[0].max_rank, banks[0].d_in
+    slot = indices.clamp(min=0).view(M, T * k)  # [M, T*k]
+    A = torch.empty(M, T * k, R, d_in, dtype=x.dtype, device=x.device)
+    for m, bank in enumerate(banks):
+        torch.index_select(bank.A, 0, slot[m], out=A[m])
+    h = torch.matmul(x.unsqueeze(1), A.view(M, T, k * R, d_in).transpose(2, 3))  # [M, T, 1, k·R]  shrink
+    gate = weights.masked_fill(indices < 0, 0)  # [M, T, k]
+    h = h.view(M, T, k, R) * (gate if gate.dtype == x.dtype else gate.to(x.dtype)).unsqueeze(3)
+    for m, (bank, out) in enumerate(zip(banks, outs)):
+        Bt = bank.B.transpose(1, 2).index_select(0, slot[m])  # [T*k, R, d_out]
+        h_m = h[m].reshape(T * k, R)
+        if bank.padded:
+            real = torch.arange(R, device=x.device) < bank.ranks.index_select(0, slot[m])[:, None]  # [T*k, R]
+            h_m = torch.where(real, h_m, 0)  # where, not *: padding may hold NaN
+            Bt = torch.where(real[:, :, None], Bt, 0)
+        out.view(T, 1, bank.d_out).baddbmm_(h_m.view(T, 1, k * R), Bt.view(T, k * R, bank.d_out))  # expand + Σ slots
 
 
 def mixture_lora_grouped(x: Tensor, bank: LoraBank, meta: MixtureMeta, out: Tensor | None = None) -> Tensor:

@@ -28,7 +28,10 @@ with the later ones, and the plan keeps their decisions until those modules run.
 decision is used only by the module it was made for, in the same step and group, and only when
 that module receives the very tensor it was computed from (the same object, unmodified: its
 version counter unchanged); anything else routes afresh. So fusing never changes which input a
-decision is computed from, only how many calls compute it.
+decision is computed from, only how many calls compute it. Small steps (decoding: the gather
+path, no gradient, one router) go further: the first sibling also computes the later siblings'
+deltas in one fused gather (one shrink for all, see ``mixture_lora_gather_siblings``), kept
+under the same rule and added into their outputs when they run.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from torch import Tensor
 
 from quiver.kernels import build_meta, mixture_lora
 from quiver.kernels.dispatch import BACKENDS, MODES, SMALL_SLOTS, needs_grad, resolve_backend, sync_free
+from quiver.kernels.torch_ref import mixture_lora_gather_siblings
 from quiver.routing import Router, RoutingDecision, RoutingSite
 
 
@@ -72,6 +76,7 @@ class StepPlan:
         self._run: list[str] = []  # the current run of calls with one input object
         self._run_x: tuple[Tensor, int] | None = None
         self.runs: list[tuple[str, ...]] = []  # runs of >= 2 modules observed in this step
+        self._kept_delta: dict[str, tuple[Tensor, int, Tensor]] = {}  # path -> (input, version, delta)
         self._static: dict[int, tuple[RoutingDecision, object]] = {}
         self._modes = [m for m in MODES if any(g.mode == m for g in groups)]
         self._impl: dict[tuple, object] = {}  # (mode, T·k, grad, dtype, device) -> backend function
@@ -87,6 +92,8 @@ class StepPlan:
         if flat.shape[0] != self.num_tokens:
             raise RuntimeError(f"{path} received {flat.shape[0]} tokens, the step plan has {self.num_tokens}")
         src = self._observe(x, path)
+        if out is not None and src is not None and self._sibling_mixture(flat, path, src, out):
+            return out
         xin = self.source.dropout(flat)
         total = out
         for mode in self._modes:
@@ -143,7 +150,47 @@ class StepPlan:
         """End of the step: the sibling runs observed, and nothing kept alive."""
         self._close_run()
         self._kept.clear()
+        self._kept_delta.clear()
         return self.runs
+
+    def _sibling_mixture(self, flat: Tensor, path: str, src: tuple[Tensor, int], out: Tensor) -> bool:
+        """``out += delta`` for ``path`` by the fused sibling gather, when it applies: a kept
+        delta computed from this very input, or routing and mixing this module and its later
+        siblings now. False when it does not apply (decisions routed here are then kept for the
+        per-module path)."""
+        kept = self._kept_delta.pop(path, None)
+        if kept is not None and kept[0] is src[0] and kept[1] == src[1]:
+            out.add_(kept[2])
+            return True
+        g, run = self._single, self.siblings.get(path)
+        if (g is None or run is None or self.trace is not None or not g.router.fuses_siblings or not g.router.per_token
+                or g.mode != "merge-after" or g.slots is None or flat.shape[0] > SMALL_SLOTS
+                or self.source.num_slots == 0 or self.source.dropout(flat) is not flat):
+            return False
+        later = run[run.index(path):]
+        banks = [self.source.bank_of(p) for p in later]
+        b0 = banks[0]
+        if any(b.max_rank != b0.max_rank or b.dtype != flat.dtype or b.device != flat.device
+               for b in banks) or out.dtype != flat.dtype:
+            return False
+        decisions = g.router.route_siblings(flat, [RoutingSite(p, g.request_ids) for p in later])
+        idx = torch.stack([d.indices for d in decisions])  # [M, T, k], router-local
+        w = torch.stack([d.weights for d in decisions])  # [M, T, k]
+        key = ("siblings", idx.shape[1] * idx.shape[2], w.dtype, flat.dtype)
+        name = self._impl.get(key)
+        if name is None:
+            name = self._impl[key] = resolve_backend(flat, b0, w, idx.shape[1] * idx.shape[2], self.backend)
+        if name != "gather" or idx.shape[1] * idx.shape[2] > SMALL_SLOTS:
+            for p, d in zip(later, decisions):  # routed anyway: the per-module path uses them
+                self._kept[(g.index, p)] = (src[0], src[1], d)
+            return False
+        if not g.identity:
+            idx = torch.where(idx >= 0, g.slots[idx.clamp_min(0)], -1)
+        outs = [out] + [flat.new_zeros(flat.shape[0], b.d_out) for b in banks[1:]]
+        mixture_lora_gather_siblings(flat, banks, idx, w if w.dtype == flat.dtype else w.to(flat.dtype), outs)
+        for p, d in zip(later[1:], outs[1:]):
+            self._kept_delta[p] = (src[0], src[1], d)
+        return True
 
     def _route(self, g: Group, x: Tensor, path: str, src: tuple[Tensor, int] | None) -> RoutingDecision:
         """The router-local decision at ``path``: kept from a sibling's call, or routed now

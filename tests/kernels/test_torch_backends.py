@@ -149,3 +149,28 @@ def test_accumulating_gather_keeps_gradients(case_factory):
     ref = torch.autograd.grad(want, (x, w, A, B, y0), g)
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T, k, ranks", [(1, 2, [8] * 6), (16, 2, [4] * 16), (5, 3, [1, 4, 9, 9]), (0, 2, [8, 8]),
+                                         (3, 4, [2, 2])], ids=["decode1", "decode16", "mixed_ranks", "empty", "k4"])
+def test_fused_sibling_gather_matches_each_module_alone(T, k, ranks, dtype, case_factory, check):
+    """Three modules reading one x (d_out 19, 7, 33), each with its own bank and decision (NaN in
+    rank padding): each ``outs[m]`` gets exactly its module's delta."""
+    from quiver.kernels.torch_ref import mixture_lora_gather_siblings
+
+    cases = [case_factory(T, 37, d_out, ranks, k, dtype=dtype, seed=s) for s, d_out in enumerate((19, 7, 33))]
+    x = cases[0].x
+    cases = [type(c)(x, c.bank, c.indices, c.weights) for c in cases]
+    banks = []
+    for c in cases:
+        A, B = c.bank.A.clone(), c.bank.B.clone()
+        for e, r in enumerate(c.bank.rank_list):
+            A[e, r:], B[e, :, r:] = float("nan"), float("nan")
+        banks.append(LoraBank(A, B, c.bank.ranks))
+    outs = [torch.zeros(T, c.bank.d_out, dtype=dtype) for c in cases]
+    idx = torch.stack([c.indices for c in cases])
+    w = torch.stack([c.weights for c in cases])
+    mixture_lora_gather_siblings(x, banks, idx, w.to(dtype), outs)
+    for out, c in zip(outs, cases):
+        check(out, c)
