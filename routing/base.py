@@ -101,7 +101,7 @@ def top_k_softmax(logits: Tensor, k: int, temperature: float = 1.0, present: Ten
     if present is not None:
         logits = logits.masked_fill(~present, float("-inf"))
     top, idx = logits.topk(min(k, logits.shape[-1]), dim=-1)  # [T, k']
-    w = torch.softmax(top / temperature, dim=-1)
+    w = torch.softmax(top if temperature == 1.0 else top / temperature, dim=-1)
     if present is not None and (n_present if n_present is not None else int(present.sum())) < idx.shape[1]:
         valid = torch.isfinite(top)
         idx, w = idx.masked_fill(~valid, -1), w.nan_to_num(0.0).masked_fill(~valid, 0.0)
