@@ -92,9 +92,9 @@ class StepPlan:
         if flat.shape[0] != self.num_tokens:
             raise RuntimeError(f"{path} received {flat.shape[0]} tokens, the step plan has {self.num_tokens}")
         src = self._observe(x, path)
-        if out is not None and src is not None and self._sibling_mixture(flat, path, src, out):
-            return out
         xin = self.source.dropout(flat)
+        if out is not None and src is not None and xin is flat and self._sibling_mixture(flat, path, src, out):
+            return out
         total = out
         for mode in self._modes:
             if self._single is not None:
@@ -157,7 +157,7 @@ class StepPlan:
         """``out += delta`` for ``path`` by the fused sibling gather, when it applies: a kept
         delta computed from this very input, or routing and mixing this module and its later
         siblings now. False when it does not apply (decisions routed here are then kept for the
-        per-module path)."""
+        per-module path). The caller checks that the source's dropout is the identity."""
         kept = self._kept_delta.pop(path, None)
         if kept is not None and kept[0] is src[0] and kept[1] == src[1]:
             out.add_(kept[2])
@@ -165,13 +165,13 @@ class StepPlan:
         g, run = self._single, self.siblings.get(path)
         if (g is None or run is None or self.trace is not None or not g.router.fuses_siblings or not g.router.per_token
                 or g.mode != "merge-after" or g.slots is None or flat.shape[0] > SMALL_SLOTS
-                or self.source.num_slots == 0 or self.source.dropout(flat) is not flat):
+                or self.source.num_slots == 0):
             return False
         later = run[run.index(path):]
         banks = [self.source.bank_of(p) for p in later]
         b0 = banks[0]
-        if any(b.max_rank != b0.max_rank or b.dtype != flat.dtype or b.device != flat.device
-               for b in banks) or out.dtype != flat.dtype:
+        if any(b.max_rank != b0.max_rank or b.d_in != flat.shape[1] or b.dtype != flat.dtype
+               or b.device != flat.device for b in banks) or out.dtype != flat.dtype:
             return False
         decisions = g.router.route_siblings(flat, [RoutingSite(p, g.request_ids) for p in later])
         idx = torch.stack([d.indices for d in decisions])  # [M, T, k], router-local
