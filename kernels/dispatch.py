@@ -8,7 +8,10 @@ Two mixing modes (the adapter scaling is folded into B; index -1 = no adapter):
 Every backend is a :class:`Backend`: one function per mode it implements, ``(x [T, d_in], bank,
 indices [T, k], weights [T, k], meta) -> delta [T, d_out]``, trusting its inputs, plus what it
 *declares* it supports: devices, dtypes and autograd. ``mixture_lora`` validates the inputs
-once, here, and the dispatcher picks by those declarations: ``auto`` takes the first backend of
+once, here, and the dispatcher picks by those declarations. A backend may also offer, per mode,
+an *accumulating* form ``(x, bank, indices, weights, meta, out) -> out`` that adds the delta
+into ``out [T, d_out]`` in place (the base layer's output: one pass fewer over a ``d_out``-wide
+buffer); callers use it without gradients and fall back to ``out += impl(...)`` otherwise: ``auto`` takes the first backend of
 the mode's preference list that supports the call; a backend named explicitly that does not
 support it is refused with a message saying why. Every registered backend gives the
 reference's gradients for x, the gate weights and the factors (tested); a backend without
@@ -21,7 +24,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -33,6 +36,7 @@ from .meta import MixtureMeta, build_meta
 from .torch_ref import mixture_lora_gather, mixture_lora_grouped, mixture_lora_reference
 
 Impl = Callable[[Tensor, LoraBank, Tensor, Tensor, MixtureMeta | None], Tensor]
+AccumulateImpl = Callable[[Tensor, LoraBank, Tensor, Tensor, MixtureMeta | None, Tensor], Tensor]
 MODES = ("merge-after", "merge-before")
 FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
 
@@ -61,6 +65,7 @@ class Backend:
     dtypes: frozenset[torch.dtype]
     autograd: bool
     device_note: str  # for the refusal message
+    accumulate: dict[str, AccumulateImpl] = field(default_factory=dict)  # mode -> out += delta, in place
 
     def refusal(self, x: Tensor, mode: str, needs_grad: bool) -> str | None:
         """Why this backend cannot run the call, or None."""
@@ -88,8 +93,16 @@ def _exact(meta, indices, weights, bank):
     return meta if meta is not None and meta.exact else build_meta(indices, weights, bank.num_adapters)
 
 
+def _gather_into(x, bank, indices, weights, meta, out):
+    return mixture_lora_gather(x, bank, indices, weights, out=out)
+
+
 def _grouped(x, bank, indices, weights, meta):
     return mixture_lora_grouped(x, bank, _exact(meta, indices, weights, bank))
+
+
+def _grouped_into(x, bank, indices, weights, meta, out):
+    return mixture_lora_grouped(x, bank, _exact(meta, indices, weights, bank), out=out)
 
 
 def _triton(x, bank, indices, weights, meta):
@@ -116,9 +129,11 @@ _ANY = lambda device: True  # noqa: E731
 BACKENDS: dict[str, Backend] = {
     "reference": Backend({"merge-after": _reference, "merge-before": _merge_before_reference},
                          _ANY, FLOATS, autograd=True, device_note="any device"),
-    "gather": Backend({"merge-after": _gather}, _ANY, FLOATS, autograd=True, device_note="any device"),
+    "gather": Backend({"merge-after": _gather}, _ANY, FLOATS, autograd=True, device_note="any device",
+                      accumulate={"merge-after": _gather_into}),
     "grouped": Backend({"merge-after": _grouped, "merge-before": _merge_before_grouped},
-                       _ANY, FLOATS, autograd=True, device_note="any device"),
+                       _ANY, FLOATS, autograd=True, device_note="any device",
+                       accumulate={"merge-after": _grouped_into}),
     "dense": Backend({"merge-before": _merge_before_dense}, _ANY, FLOATS, autograd=True, device_note="any device"),
     "triton": Backend({"merge-after": _triton}, _triton_device,
                       frozenset({torch.float32, torch.float16, torch.bfloat16}), autograd=True,

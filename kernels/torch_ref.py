@@ -12,6 +12,8 @@ Slots with index -1 contribute nothing; the scaling is already folded into B.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -40,13 +42,15 @@ def mixture_lora_reference(x: Tensor, bank: LoraBank, indices: Tensor, weights: 
     return torch.einsum("tkor,tkr->to", B[slot], h)  # [T, d_out]  expand + sum over slots
 
 
-def mixture_lora_gather(x: Tensor, bank: LoraBank, indices: Tensor, weights: Tensor) -> Tensor:
+def mixture_lora_gather(x: Tensor, bank: LoraBank, indices: Tensor, weights: Tensor,
+                        out: Tensor | None = None) -> Tensor:
     """Small batches (decoding): gather the T·k selected adapters' factors, two batched matmuls.
 
     No routing metadata and no device-to-host sync, so its fixed cost is a handful of kernel
     launches; memory is O(T·k·R·(d_in + d_out)), which is why the dispatcher uses it only for
     small T·k. Padding beyond an adapter's rank is masked out (skipped when every adapter in
-    the bank has the full rank R, the common case).
+    the bank has the full rank R, the common case). With ``out: [T, d_out]`` (x's dtype) the
+    delta is added into it in place (``out += delta``, one ``baddbmm_``) and ``out`` returned.
     """
     # x: [T, d_in], indices / weights: [T, k]
     T, k = indices.shape
@@ -54,17 +58,54 @@ def mixture_lora_gather(x: Tensor, bank: LoraBank, indices: Tensor, weights: Ten
     slot = indices.clamp(min=0).reshape(-1)  # [T*k]
     A = bank.A.index_select(0, slot).view(T, k * R, d_in)  # [T, k·R, d_in]: one rank-k·R LoRA per token
     h = torch.bmm(x.unsqueeze(1), A.transpose(1, 2)).view(T * k, R)  # [T*k, R]   shrink
-    h = h * torch.where(indices >= 0, weights, 0).to(x.dtype).reshape(-1, 1)  # gate
-    Bt = bank.B.index_select(0, slot).transpose(1, 2)  # [T*k, R, d_out]
+    gate = weights.masked_fill(indices < 0, 0)  # [T, k]
+    h = h * (gate if gate.dtype == x.dtype else gate.to(x.dtype)).reshape(-1, 1)
+    # [T*k, R, d_out], contiguous: a plain copy of rows when the bank stores B transposed (the
+    # runtime's AdapterBank does), a transposing copy otherwise
+    Bt = bank.B.transpose(1, 2).index_select(0, slot)
     if bank.padded:
         real = torch.arange(R, device=x.device) < bank.ranks.index_select(0, slot)[:, None]  # [T*k, R]
         h = torch.where(real, h, 0)  # where, not *: padding may hold NaN
         Bt = torch.where(real[:, :, None], Bt, 0)
-    out = torch.bmm(h.view(T, 1, k * R), Bt.reshape(T, k * R, d_out))  # [T, 1, d_out]   expand + Σ slots
-    return out.view(T, d_out)
+    Bt = Bt.reshape(T, k * R, d_out)  # [T, k·R, d_out]
+    if out is not None:  # out[t] += h[t] @ Bt[t]   expand + Σ slots, into the caller's buffer
+        out.view(T, 1, d_out).baddbmm_(h.view(T, 1, k * R), Bt)
+        return out
+    return torch.bmm(h.view(T, 1, k * R), Bt).view(T, d_out)  # expand + Σ slots
 
 
-def mixture_lora_grouped(x: Tensor, bank: LoraBank, meta: MixtureMeta) -> Tensor:
+def mixture_lora_gather_siblings(x: Tensor, banks: Sequence[LoraBank], indices: Tensor, weights: Tensor,
+                                 outs: Sequence[Tensor]) -> None:
+    """The gather path for M modules that read the same ``x`` (q/k/v, gate/up), each with its
+    own bank and decision: ``outs[m] += delta_m`` in place, where ``delta_m`` is
+    :func:`mixture_lora_gather` of ``(x, banks[m], indices[m], weights[m])``.
+
+    One clamp, one gate and one batched shrink serve all M modules (their gathered A factors
+    side by side in one ``[M, T·k, R, d_in]`` buffer); only the gathers and the expands, whose
+    d_out differ, stay per module. Needs banks of one max rank R and one d_in (the caller
+    checks); an adapter below R is masked as in :func:`mixture_lora_gather`.
+    """
+    # x: [T, d_in], indices / weights: [M, T, k], outs[m]: [T, d_out_m]
+    M, T, k = indices.shape
+    R, d_in = banks[0].max_rank, banks[0].d_in
+    slot = indices.clamp(min=0).view(M, T * k)  # [M, T*k]
+    A = torch.empty(M, T * k, R, d_in, dtype=x.dtype, device=x.device)
+    for m, bank in enumerate(banks):
+        torch.index_select(bank.A, 0, slot[m], out=A[m])
+    h = torch.matmul(x.unsqueeze(1), A.view(M, T, k * R, d_in).transpose(2, 3))  # [M, T, 1, k·R]  shrink
+    gate = weights.masked_fill(indices < 0, 0)  # [M, T, k]
+    h = h.view(M, T, k, R) * (gate if gate.dtype == x.dtype else gate.to(x.dtype)).unsqueeze(3)
+    for m, (bank, out) in enumerate(zip(banks, outs)):
+        Bt = bank.B.transpose(1, 2).index_select(0, slot[m])  # [T*k, R, d_out]
+        h_m = h[m].reshape(T * k, R)
+        if bank.padded:
+            real = torch.arange(R, device=x.device) < bank.ranks.index_select(0, slot[m])[:, None]  # [T*k, R]
+            h_m = torch.where(real, h_m, 0)  # where, not *: padding may hold NaN
+            Bt = torch.where(real[:, :, None], Bt, 0)
+        out.view(T, 1, bank.d_out).baddbmm_(h_m.view(T, 1, k * R), Bt.view(T, k * R, bank.d_out))  # expand + Σ slots
+
+
+def mixture_lora_grouped(x: Tensor, bank: LoraBank, meta: MixtureMeta, out: Tensor | None = None) -> Tensor:
     """The CPU path: one skinny GEMM pair per *active* adapter, at its real rank.
 
     With ``xs`` the routed rows sorted by adapter, each pre-scaled by its gate weight
@@ -80,13 +121,19 @@ def mixture_lora_grouped(x: Tensor, bank: LoraBank, meta: MixtureMeta) -> Tensor
     E: unrouted adapters cost nothing, and a decision with k slots but few distinct adapters
     (a per-example router repeating its row) runs as few large GEMMs. Low-precision inputs
     multiply in their dtype and sum the k slots in float32.
+
+    With ``out: [T, d_out]`` (x's dtype; the base layer's output) the delta is added into it in
+    place and ``out`` returned: in float32 the rows are summed straight into it (no ``[T, d_out]``
+    buffer, no extra pass), in low precision through a float32 buffer, as above.
     """
     # x: [T, d_in]
     if torch.is_grad_enabled() and (x.requires_grad or meta.pair_weights.requires_grad
                                     or bank.A.requires_grad or bank.B.requires_grad):
-        return _grouped_differentiable(x, bank, meta)
+        delta = _grouped_differentiable(x, bank, meta)
+        return delta if out is None else out.add_(delta)
     acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    out = torch.zeros(x.shape[0], bank.d_out, dtype=acc_dtype, device=x.device)  # [T, d_out]
+    into = out is not None and out.dtype == acc_dtype
+    acc = out if into else torch.zeros(x.shape[0], bank.d_out, dtype=acc_dtype, device=x.device)  # [T, d_out]
     rows = min(BLOCK_ROWS, meta.num_pairs)
     x_buf = torch.empty(rows, bank.d_in, dtype=x.dtype, device=x.device)  # [rows, d_in]
     y_buf = torch.empty(rows, bank.d_out, dtype=x.dtype, device=x.device)  # [rows, d_out]
@@ -99,8 +146,10 @@ def mixture_lora_grouped(x: Tensor, bank: LoraBank, meta: MixtureMeta) -> Tensor
         for e, x_e, y_e in zip(adapters, xs.split(sizes), ys.split(sizes)):
             a_t, b_t = views[e]  # [d_in, r_e], [r_e, d_out]
             torch.mm(torch.mm(x_e, a_t), b_t, out=y_e)  # y_e: [n_e, d_out]
-        out.index_add_(0, tok, ys.to(acc_dtype))
-    return out.to(x.dtype)
+        acc.index_add_(0, tok, ys if ys.dtype == acc_dtype else ys.to(acc_dtype))
+    if into:
+        return out
+    return acc.to(x.dtype) if out is None else out.add_(acc)
 
 
 def _grouped_differentiable(x: Tensor, bank: LoraBank, meta: MixtureMeta) -> Tensor:

@@ -31,6 +31,8 @@ MODES = ("merge-after", "merge-before")
 
 
 class Arrow(Router):
+    fuses_siblings = True  # route_siblings: one logits GEMM for modules that share an input
+
     def __init__(self, top_k: int = 2, temperature: float = 1.0, adapters: list[str] | None = None,
                  mode: str = "merge-after", general: list[str] | None = None):
         super().__init__(adapters)
@@ -77,16 +79,24 @@ class Arrow(Router):
         self._on_device.clear()
 
     def route(self, x: Tensor, site: RoutingSite) -> RoutingDecision:  # x: [T, d_in]
-        key = (site.module, x.device, x.dtype)
+        return self.route_siblings(x, [site])[0]
+
+    def route_siblings(self, x: Tensor, sites: list[RoutingSite]) -> list[RoutingDecision]:
+        """The M modules of ``sites`` read the same ``x``: their logits in one GEMM against the
+        stacked prototypes ``[d_in, M·E]``, one top-k and one softmax over ``[M, T, E]``. Each
+        module's decision is exactly :meth:`route`'s at that module (its own prototypes)."""
+        paths = tuple(s.module for s in sites)
+        key = (paths, x.device, x.dtype)
         if key not in self._on_device:  # host-side facts computed once: no device read per step
-            present = self._present[site.module]  # bool [E], on the host
-            n = int(present.sum())
-            self._on_device[key] = (self._protos[site.module].T.to(x.device, x.dtype).contiguous(),
-                                    None if n == present.numel() else present.to(x.device), n)
-        Pt, present, n_present = self._on_device[key]  # Pt: [d_in, E]; present: bool [E] or None (all)
-        sim = (x @ Pt).abs()  # [T, E]
-        idx, w = top_k_softmax(sim, self.top_k, self.temperature, present, n_present)  # [T, k]
-        return RoutingDecision(idx, w)
+            present = torch.stack([self._present[p] for p in paths])  # bool [M, E], on the host
+            n = int(present.sum(1).min())
+            Pt = torch.cat([self._protos[p] for p in paths]).T.to(x.device, x.dtype).contiguous()
+            self._on_device[key] = (Pt, None if bool(present.all()) else present[:, None, :].to(x.device), n)
+        Pt, present, n_present = self._on_device[key]  # Pt: [d_in, M·E]; present: bool [M, 1, E] or None (all)
+        M = len(paths)
+        sim = (x @ Pt).abs().view(x.shape[0], M, Pt.shape[1] // M).transpose(0, 1)  # [M, T, E]
+        idx, w = top_k_softmax(sim, self.top_k, self.temperature, present, n_present)  # [M, T, k], rows contiguous
+        return [RoutingDecision(idx[m], w[m]) for m in range(M)]
 
 
 def _prototypes(adapter: LoraAdapter) -> dict[str, tuple[Tensor, float]]:

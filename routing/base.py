@@ -20,6 +20,9 @@ What the runtime must know about a router is declared on its class, never guesse
 - ``mode``: ``"merge-after"`` (mix the adapters' outputs, Σ_j w_j B_j A_j x) or
   ``"merge-before"`` (mix the factors, (Σ_j w_j B_j)(Σ_j w_j A_j) x); the kernels' entry point
   takes it as an argument.
+- ``fuses_siblings``: True when :meth:`Router.route_siblings` routes several modules that read
+  the same input (q/k/v, gate/up) in one call, more cheaply than one :meth:`Router.route` each
+  (Arrow: one logits GEMM). The runtime then routes a module's later siblings with its first.
 - ``head_splits``: H > 1 asks the runtime for H *head views* of every source (MHR's head
   splitting, see routing/mhr.py); the router's indices then run over the H·S views, view
   (h, s) at index h·S + s.
@@ -84,10 +87,11 @@ def top_k_softmax(logits: Tensor, k: int, temperature: float = 1.0, present: Ten
                   n_present: int | None = None) -> tuple[Tensor, Tensor]:
     """The sparse gate shared by Arrow and the MoE gate.
 
-    ``logits: [T, E]``; ``present: bool [E]`` marks the adapters that exist at this module
+    ``logits: [..., T, E]``; ``present: bool [E]`` (or broadcastable to the logits) marks the adapters that exist at this module
     (None = all) and ``n_present`` is its count, known on the host (so routing reads nothing back
-    from the device: a CUDA step stays free of synchronisation). Returns ``indices int64 [T, k']``
-    and ``weights [T, k']`` (k' = min(k, E)):
+    from the device: a CUDA step stays free of synchronisation; with several modules' logits,
+    the smallest count). Returns ``indices int64 [..., T, k']`` and ``weights [..., T, k']``
+    (k' = min(k, E)):
 
         S = top-k over present adapters of logits,    w = softmax_{e ∈ S}(logits_e / temperature)
 
@@ -97,7 +101,7 @@ def top_k_softmax(logits: Tensor, k: int, temperature: float = 1.0, present: Ten
     if present is not None:
         logits = logits.masked_fill(~present, float("-inf"))
     top, idx = logits.topk(min(k, logits.shape[-1]), dim=-1)  # [T, k']
-    w = torch.softmax(top / temperature, dim=-1)
+    w = torch.softmax(top if temperature == 1.0 else top / temperature, dim=-1)
     if present is not None and (n_present if n_present is not None else int(present.sum())) < idx.shape[1]:
         valid = torch.isfinite(top)
         idx, w = idx.masked_fill(~valid, -1), w.nan_to_num(0.0).masked_fill(~valid, 0.0)
@@ -112,6 +116,7 @@ class Router:
 
     per_token: bool = True  # see the module docstring
     mode: str = "merge-after"  # or "merge-before"
+    fuses_siblings: bool = False  # route_siblings is cheaper than one route per module
     head_splits: int = 1  # H > 1: route over H head views of each source (MHR)
     top_k: int | None = None  # routers that pick k of their adapters (per token or per request)
 
@@ -137,6 +142,11 @@ class Router:
         adapter it routes over (its own list, or the ``universe`` the runtime gives it)."""
         n = len(self.adapters) if self.adapters is not None else universe
         return min(self.top_k, n) if self.top_k is not None else n
+
+    def route_siblings(self, x: Tensor, sites: list[RoutingSite]) -> list[RoutingDecision]:
+        """One decision per site for modules that all read ``x``; each equals ``route(x, site)``.
+        Routers that declare ``fuses_siblings`` override it with one fused computation."""
+        return [self.route(x, s) for s in sites]
 
     def prepare(self, *, prompts: list[str] | None = None, tasks: list[str | None] | None = None) -> None:
         """Per-request information for the next forward/generate calls (row i = request i).

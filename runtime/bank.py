@@ -4,7 +4,10 @@ Index legend: C = slots (capacity), R = largest rank held, E = slots in use.
 
 An adapter occupies one *slot* across all modules (slot s of module m's bank is that adapter's
 factors at m, rank 0 where it does not adapt m). Per module the storage is ``A: [C, R, d_in]``
-and ``B: [C, d_out, R]`` with the adapter's scaling folded into B, as the kernels expect.
+and ``B: [C, d_out, R]`` with the adapter's scaling folded into B, as the kernels expect; B is
+held as the transposed view of a contiguous ``[C, R, d_out]`` tensor, so that gathering a few
+adapters' B (the decode path) copies contiguous rows, and the grouped path's ``B_e^T`` views
+are contiguous.
 Adapters are loaded on demand (by key, from an :class:`AdapterSource`); with a ``capacity`` the
 least recently used adapter that is not **pinned** is evicted when the bank is full. Without
 one the bank grows (doubling its slots) as adapters arrive.
@@ -153,7 +156,7 @@ class AdapterBank:
         """Grow storage to ``slots`` × ``rank``, keeping what is stored."""
         for path, (d_out, d_in) in self.shapes.items():
             A = torch.zeros(slots, rank, d_in, device=self.device, dtype=self.dtype)
-            B = torch.zeros(slots, d_out, rank, device=self.device, dtype=self.dtype)
+            B = torch.zeros(slots, rank, d_out, device=self.device, dtype=self.dtype).transpose(1, 2)
             ranks = torch.zeros(slots, dtype=torch.int32, device=self.device)
             if self._slots:
                 A[: self._slots, : self._rank] = self._A[path]

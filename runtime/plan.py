@@ -11,6 +11,7 @@ The path of a request through the engine::
                                   resolved and pinned for the step
     layers ──► MixtureLinear: y = base(x) + plan.delta(x, path)
                  └─ per group: router.route(x[tokens], site) → local decision → bank slots
+                    (siblings: router.route_siblings for this module and the later siblings)
                  └─ kernels.mixture_lora(x, bank, indices, weights, mode=...) per mixing mode
     tokens ◄── logits; Engine.end (post-hook) unpins the bank
 
@@ -18,6 +19,19 @@ Layers only read the plan. The bank is read-only during the step: every adapter 
 the step may point at was pinned when the plan was built, or (a router whose adapters cannot
 all be resident) is loaded and pinned when the router selects it; a step that needs more than
 the bank holds fails with :class:`~quiver.runtime.bank.CapacityError`.
+
+Siblings: modules whose forward receives the same input tensor (q/k/v read the same hidden
+states, gate/up the same normed ones) are consecutive calls with one ``x`` object; the plan
+observes these runs and the engine keeps them (``Engine.siblings``, learned from the first
+step). In later steps a router that ``fuses_siblings`` routes the first module of a run together
+with the later ones, and the plan keeps their decisions until those modules run. A kept
+decision is used only by the module it was made for, in the same step and group, and only when
+that module receives the very tensor it was computed from (the same object, unmodified: its
+version counter unchanged); anything else routes afresh. So fusing never changes which input a
+decision is computed from, only how many calls compute it. Small steps (decoding: the gather
+path, no gradient, one router) go further: the first sibling also computes the later siblings'
+deltas in one fused gather (one shrink for all, see ``mixture_lora_gather_siblings``), kept
+under the same rule and added into their outputs when they run.
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ from torch import Tensor
 
 from quiver.kernels import build_meta, mixture_lora
 from quiver.kernels.dispatch import BACKENDS, MODES, SMALL_SLOTS, needs_grad, resolve_backend, sync_free
+from quiver.kernels.torch_ref import mixture_lora_gather_siblings
 from quiver.routing import Router, RoutingDecision, RoutingSite
 
 
@@ -51,28 +66,44 @@ class Group:
 class StepPlan:
     """One forward's routing (see the module docstring)."""
 
-    def __init__(self, source, groups: list[Group], num_tokens: int, backend: str, trace=None):
+    def __init__(self, source, groups: list[Group], num_tokens: int, backend: str, trace=None,
+                 siblings: dict[str, tuple[str, ...]] | None = None):
         self.source, self.groups, self.num_tokens = source, groups, num_tokens
         self.backend, self.trace = backend, trace
+        self.siblings = siblings or {}  # path -> its run of modules sharing one input (learned)
+        self._kept: dict[tuple[int, str], tuple[Tensor, int, RoutingDecision]] = {}  # (group, path) ->
+        # (the input it was routed from, its version, the router-local decision)
+        self._run: list[str] = []  # the current run of calls with one input object
+        self._run_x: tuple[Tensor, int] | None = None
+        self.runs: list[tuple[str, ...]] = []  # runs of >= 2 modules observed in this step
+        self._kept_delta: dict[str, tuple[Tensor, int, Tensor]] = {}  # path -> (input, version, delta)
         self._static: dict[int, tuple[RoutingDecision, object]] = {}
         self._modes = [m for m in MODES if any(g.mode == m for g in groups)]
         self._impl: dict[tuple, object] = {}  # (mode, T·k, grad, dtype, device) -> backend function
         self._single = groups[0] if len(groups) == 1 and groups[0].tokens is None else None
 
-    def delta(self, x: Tensor, path: str) -> Tensor:  # x: [..., d_in] -> [T, d_out]
+    def delta(self, x: Tensor, path: str, out: Tensor | None = None) -> Tensor:
+        """The mixture's delta ``[T, d_out]`` for the module at ``path`` (x: ``[..., d_in]``).
+
+        With ``out: [T, d_out]`` (the base layer's output, x's dtype) the delta is added into it
+        in place and ``out`` returned — through a backend's accumulating form when it has one
+        and no gradient is needed (see kernels/dispatch.py)."""
         flat = x.reshape(-1, x.shape[-1])  # [T, d_in]
         if flat.shape[0] != self.num_tokens:
             raise RuntimeError(f"{path} received {flat.shape[0]} tokens, the step plan has {self.num_tokens}")
+        src = self._observe(x, path)
         xin = self.source.dropout(flat)
-        out = None
+        if out is not None and src is not None and xin is flat and self._sibling_mixture(flat, path, src, out):
+            return out
+        total = out
         for mode in self._modes:
             if self._single is not None:
-                decision, meta = self._decide(self._single, flat, path)
+                decision, meta = self._decide(self._single, flat, path, src)
             else:
-                decision, meta = self._assemble(flat, path, [g for g in self.groups if g.mode == mode])
+                decision, meta = self._assemble(flat, path, [g for g in self.groups if g.mode == mode], src)
             if self.source.num_slots == 0:  # nothing loaded, even after routing: no adapter is used
-                d = flat.new_zeros(flat.shape[0], self.source.out_features(path))
-                out = d if out is None else out + d
+                if total is None:
+                    total = flat.new_zeros(flat.shape[0], self.source.out_features(path))
                 continue
             bank = self.source.bank_of(path)  # after routing: a selective router may have loaded
             if self.trace is not None:
@@ -80,23 +111,108 @@ class StepPlan:
             xb = xin if xin.dtype == bank.dtype else xin.to(bank.dtype)
             w = decision.weights if decision.weights.dtype == bank.dtype else decision.weights.to(bank.dtype)
             key = (mode, decision.indices.numel(), needs_grad(xb, bank, w), xb.dtype, xb.device)
-            impl = self._impl.get(key)
-            if impl is None:  # the first module of the step validates and picks the backend
+            impls = self._impl.get(key)
+            if impls is None:  # the first module of the step validates and picks the backend
                 name = resolve_backend(xb, bank, w, decision.indices.numel(), self.backend, mode)
                 d = mixture_lora(xb, bank, decision.indices, w, meta=meta, backend=name, mode=mode)
-                self._impl[key] = BACKENDS[name].impls[mode]
+                self._impl[key] = (BACKENDS[name].impls[mode], None if key[2] else BACKENDS[name].accumulate.get(mode))
+            elif total is not None and impls[1] is not None and total.dtype == xb.dtype:
+                impls[1](xb, bank, decision.indices, w, meta, total)  # total += delta, in place
+                continue
             else:  # the others call it directly: same mode, shapes of the same kind, same decision size
-                d = impl(xb, bank, decision.indices, w, meta)
+                d = impls[0](xb, bank, decision.indices, w, meta)
             d = d if d.dtype == x.dtype else d.to(x.dtype)
-            out = d if out is None else out + d
-        return out
+            total = d if total is None else total.add_(d) if total is out else total + d
+        if total is None:  # no mode at all (a plan without groups)
+            total = flat.new_zeros(flat.shape[0], self.source.out_features(path))
+        return total
 
-    def _assemble(self, flat: Tensor, path: str, parts: list[Group]):
+    def _observe(self, x: Tensor, path: str) -> tuple[Tensor, int] | None:
+        """Extend or close the run of calls sharing ``x``; returns ``(x, version)`` to key kept
+        decisions by, or None when ``x`` cannot be tracked (an inference tensor has no version)."""
+        if x.is_inference():
+            self._close_run()
+            return None
+        src = (x, x._version)
+        if self._run_x is not None and self._run_x[0] is x and self._run_x[1] == src[1]:
+            self._run.append(path)
+        else:
+            self._close_run()
+            self._run, self._run_x = [path], src
+        return src
+
+    def _close_run(self) -> None:
+        if len(self._run) > 1:
+            self.runs.append(tuple(self._run))
+        self._run, self._run_x = [], None
+
+    def finish(self) -> list[tuple[str, ...]]:
+        """End of the step: the sibling runs observed, and nothing kept alive."""
+        self._close_run()
+        self._kept.clear()
+        self._kept_delta.clear()
+        return self.runs
+
+    def _sibling_mixture(self, flat: Tensor, path: str, src: tuple[Tensor, int], out: Tensor) -> bool:
+        """``out += delta`` for ``path`` by the fused sibling gather, when it applies: a kept
+        delta computed from this very input, or routing and mixing this module and its later
+        siblings now. False when it does not apply (decisions routed here are then kept for the
+        per-module path). The caller checks that the source's dropout is the identity."""
+        kept = self._kept_delta.pop(path, None)
+        if kept is not None and kept[0] is src[0] and kept[1] == src[1]:
+            out.add_(kept[2])
+            return True
+        g, run = self._single, self.siblings.get(path)
+        if (g is None or run is None or self.trace is not None or not g.router.fuses_siblings or not g.router.per_token
+                or g.mode != "merge-after" or g.slots is None or flat.shape[0] > SMALL_SLOTS
+                or self.source.num_slots == 0):
+            return False
+        later = run[run.index(path):]
+        banks = [self.source.bank_of(p) for p in later]
+        b0 = banks[0]
+        if any(b.max_rank != b0.max_rank or b.d_in != flat.shape[1] or b.dtype != flat.dtype
+               or b.device != flat.device for b in banks) or out.dtype != flat.dtype:
+            return False
+        decisions = g.router.route_siblings(flat, [RoutingSite(p, g.request_ids) for p in later])
+        idx = torch.stack([d.indices for d in decisions])  # [M, T, k], router-local
+        w = torch.stack([d.weights for d in decisions])  # [M, T, k]
+        key = ("siblings", idx.shape[1] * idx.shape[2], w.dtype, flat.dtype)
+        name = self._impl.get(key)
+        if name is None:
+            name = self._impl[key] = resolve_backend(flat, b0, w, idx.shape[1] * idx.shape[2], self.backend)
+        if name != "gather" or idx.shape[1] * idx.shape[2] > SMALL_SLOTS:
+            for p, d in zip(later, decisions):  # routed anyway: the per-module path uses them
+                self._kept[(g.index, p)] = (src[0], src[1], d)
+            return False
+        if not g.identity:
+            idx = torch.where(idx >= 0, g.slots[idx.clamp_min(0)], -1)
+        outs = [out] + [flat.new_zeros(flat.shape[0], b.d_out) for b in banks[1:]]
+        mixture_lora_gather_siblings(flat, banks, idx, w if w.dtype == flat.dtype else w.to(flat.dtype), outs)
+        for p, d in zip(later[1:], outs[1:]):
+            self._kept_delta[p] = (src[0], src[1], d)
+        return True
+
+    def _route(self, g: Group, x: Tensor, path: str, src: tuple[Tensor, int] | None) -> RoutingDecision:
+        """The router-local decision at ``path``: kept from a sibling's call, or routed now
+        (with the later siblings, whose decisions are kept, when the router fuses them)."""
+        run = self.siblings.get(path) if src is not None and g.router.fuses_siblings else None
+        if run is None:
+            return g.router.route(x, RoutingSite(path, g.request_ids))
+        kept = self._kept.pop((g.index, path), None)
+        if kept is not None and kept[0] is src[0] and kept[1] == src[1]:
+            return kept[2]
+        later = run[run.index(path):]
+        decisions = g.router.route_siblings(x, [RoutingSite(p, g.request_ids) for p in later])
+        for p, d in zip(later[1:], decisions[1:]):
+            self._kept[(g.index, p)] = (src[0], src[1], d)
+        return decisions[0]
+
+    def _assemble(self, flat: Tensor, path: str, parts: list[Group], src):
         """One ``[T, k]`` decision from the groups of one mixing mode (-1 where a group has no
         slot or the token is another mode's)."""
         if len(parts) == 1 and parts[0].tokens is None:
-            return self._decide(parts[0], flat, path)
-        decisions = [(g.tokens, self._decide(g, flat, path)[0]) for g in parts]
+            return self._decide(parts[0], flat, path, src)
+        decisions = [(g.tokens, self._decide(g, flat, path, src)[0]) for g in parts]
         T = flat.shape[0]
         k = max(d.indices.shape[1] for _, d in decisions)
         idx = torch.full((T, k), -1, dtype=torch.int64, device=flat.device)
@@ -106,12 +222,12 @@ class StepPlan:
             w[tok, : d.weights.shape[1]] = d.weights.to(w.dtype)
         return RoutingDecision(idx, w), None
 
-    def _decide(self, g: Group, flat: Tensor, path: str):
+    def _decide(self, g: Group, flat: Tensor, path: str, src=None):
         static = not g.router.per_token  # one decision per step, reused by every module
         if static and g.index in self._static:
             return self._static[g.index]
         x = flat if g.tokens is None else flat[g.tokens]
-        local = g.router.route(x, RoutingSite(path, g.request_ids))
+        local = self._route(g, x, path, src)
         if g.identity:
             decision = local
         else:
@@ -139,6 +255,7 @@ class Engine:
         self.trace = None
         self.requests: list[Router | None] | None = None  # router per request (None: default)
         self.request_ids: Tensor | None = None  # packed sequences: the request of each token
+        self.siblings: dict[str, tuple[str, ...]] = {}  # path -> modules that read the same input
 
     def begin(self, shape: tuple[int, ...], device) -> StepPlan:
         """Build the plan for an input of ``shape`` ``[Bt, S]`` (ids) or ``[Bt, S, d]``."""
@@ -181,9 +298,13 @@ class Engine:
         except BaseException:
             self.source.end_step()
             raise
-        self.plan = StepPlan(self.source, groups, T, self.backend, self.trace)
+        self.plan = StepPlan(self.source, groups, T, self.backend, self.trace, self.siblings)
         return self.plan
 
     def end(self) -> None:
+        if self.plan is not None:
+            for run in self.plan.finish():  # siblings seen in this step: fused from the next one
+                if any(self.siblings.get(p) != run for p in run):
+                    self.siblings.update(dict.fromkeys(run, run))
         self.plan = None
         self.source.end_step()

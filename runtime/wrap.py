@@ -65,8 +65,10 @@ class MixtureLinear(nn.Module):
         plan = self._engine.plan
         if plan is None:
             return y
-        delta = plan.delta(x, self.path).view(y.shape)
-        return y + delta if torch.is_grad_enabled() else y.add_(delta)
+        if torch.is_grad_enabled():
+            return y + plan.delta(x, self.path).view(y.shape)
+        plan.delta(x, self.path, out=y.view(-1, y.shape[-1]))  # y += delta, in place
+        return y
 
 
 def wrap_linears(model: nn.Module, paths: Sequence[str], engine) -> list[MixtureLinear]:

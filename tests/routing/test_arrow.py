@@ -96,3 +96,23 @@ def test_arrow_decisions_are_top_k_and_normalised(tiny_model, lib6):
     logits[:, 5] = float("-inf")
     top, idx = logits.topk(3)
     assert torch.equal(d.indices, idx) and torch.allclose(d.weights, torch.softmax(top, -1))
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 6])
+def test_route_siblings_equals_route_per_module(tiny_model, lib6, top_k):
+    """One GEMM over q/k/v's stacked prototypes gives each module its own decision, including a
+    module where an adapter is absent (a5 has no k_proj) and k beyond the adapters present."""
+    router = Arrow(top_k=top_k, temperature=0.7)
+    RoutedModel(copy.deepcopy(tiny_model), lib6, router=router)
+    x = torch.randn(13, 32)
+    rid = torch.zeros(13, dtype=torch.int64)
+    sites = [RoutingSite(f"model.layers.0.self_attn.{p}_proj", rid) for p in "qkv"]
+    fused = router.route_siblings(x, sites)
+    assert len(fused) == 3
+    for site, d in zip(sites, fused):
+        one = router.route(x, site)
+        assert torch.equal(d.indices, one.indices), site.module
+        torch.testing.assert_close(d.weights, one.weights, atol=1e-6, rtol=0)
+        assert d.indices.is_contiguous() and d.weights.is_contiguous()
+    assert not (fused[1].indices == 5).any()  # a5 has no k_proj: never selected there
+    assert router.route_siblings(x[:0], sites)[2].indices.shape == (0, min(top_k, 6))

@@ -1,6 +1,8 @@
 """The step plan: a batch mixing every kind of router equals each request run alone, with and
 without a bank capacity, for prefill and for generation with a KV cache; pinning; packed
-sequences; two routed models in one process."""
+sequences; two routed models in one process; sibling modules (one input, several projections)
+routed in one call and the delta added into the base output in place, equal to the unfused
+engine, with a kept decision never used for another input."""
 
 from __future__ import annotations
 
@@ -193,3 +195,194 @@ def test_routers_nobody_holds_are_released_and_a_new_one_routes_as_alone(tiny_mo
     alone = RoutedModel(copy.deepcopy(tiny_model), lib9, router=Fixed({"a2": 0.7, "a5": 0.3}))
     torch.testing.assert_close(got, alone(input_ids=ids).logits, rtol=0, atol=1e-6)
     assert len(bound) == baseline + 1
+
+
+# -- siblings ---------------------------------------------------------------------------------
+QKV = tuple(f"model.layers.0.self_attn.{p}_proj" for p in "qkv")
+
+
+class Counting(Arrow):
+    """Arrow that counts the module decisions it computes."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.computed = 0
+
+    def route_siblings(self, x, sites):
+        self.computed += len(sites)
+        return super().route_siblings(x, sites)
+
+
+@torch.no_grad()
+def test_siblings_are_learned_from_the_first_step(tiny_model, lib9):
+    rm = RoutedModel(copy.deepcopy(tiny_model), lib9, router=Arrow(top_k=2, adapters=TASK_ADAPTERS))
+    assert rm._engine.siblings == {}
+    rm(torch.tensor([[5, 9, 13]]))
+    sib = rm._engine.siblings
+    for layer in (0, 1):
+        qkv = tuple(f"model.layers.{layer}.self_attn.{p}_proj" for p in "qkv")
+        gu = tuple(f"model.layers.{layer}.mlp.{p}_proj" for p in ("gate", "up"))
+        assert all(sib[p] == qkv for p in qkv) and all(sib[p] == gu for p in gu)
+        assert f"model.layers.{layer}.self_attn.o_proj" not in sib
+        assert f"model.layers.{layer}.mlp.down_proj" not in sib
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_fused_steps_equal_unfused_steps_for_every_router_kind(tiny_model, lib9, backend):
+    """The first step (nothing learned: every module routes alone, the delta returned and added)
+    against later steps (siblings fused, the delta accumulated into the base output), for a batch
+    mixing every router kind, prefill and decode sizes, and against the reference backend."""
+    routers = all_routers(lib9)
+    ids, mask, _ = left_padded(PROMPTS)
+    ref = RoutedModel(copy.deepcopy(tiny_model), lib9, backend="reference")
+    rm = RoutedModel(copy.deepcopy(tiny_model), lib9, backend=backend)
+    for r in routers:
+        rm.bind(r), ref.bind(r)
+    for rows in (slice(None), slice(0, 1)):  # T·k above and below the gather threshold
+        kw = {"input_ids": ids[rows], "attention_mask": mask[rows], "routers": routers[rows]}
+        ref._engine.siblings.clear()
+        want = ref(**kw).logits
+        ref._engine.siblings.clear()
+        rm._engine.siblings.clear()
+        first = rm(**kw).logits
+        assert rm._engine.siblings  # learned
+        second = rm(**kw).logits
+        torch.testing.assert_close(first, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(second, want, atol=1e-5, rtol=0)
+
+
+def _plan_deltas(rm, inputs, paths):
+    eng = rm._engine
+    plan = eng.begin((1, inputs[0].shape[1]), "cpu")
+    try:
+        return [plan.delta(x, p).clone() for x, p in zip(inputs, paths)]
+    finally:
+        eng.end()
+
+
+@torch.no_grad()
+def test_a_kept_decision_is_used_only_for_the_same_unmodified_input(tiny_model, lib9):
+    router = Counting(top_k=2, adapters=TASK_ADAPTERS)
+    rm = RoutedModel(copy.deepcopy(tiny_model), lib9, router=router)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 6, 32, generator=g)
+    other = torch.randn(1, 6, 32, generator=g)
+    unfused = [_plan_deltas(rm, [x], [p])[0] for p in QKV]  # each module alone
+    unfused_other = [_plan_deltas(rm, [other], [p])[0] for p in QKV]
+    rm._engine.siblings = dict.fromkeys(QKV, QKV)
+
+    router.computed = 0  # the same object for all three: one call computes q, k and v
+    got = _plan_deltas(rm, [x, x, x], QKV)
+    assert router.computed == 3
+    for a, b in zip(got, unfused):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+    router.computed = 0  # k receives another tensor with the same values: routed afresh
+    got = _plan_deltas(rm, [x, x.clone(), x], QKV)
+    assert router.computed == 3 + 2 + 1
+    for a, b in zip(got, unfused):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+    router.computed = 0  # x modified in place after q: k and v must see the new values
+    eng = rm._engine
+    plan = eng.begin((1, 6), "cpu")
+    try:
+        y = x.clone()
+        dq = plan.delta(y, QKV[0]).clone()
+        y.copy_(other)
+        dk, dv = plan.delta(y, QKV[1]).clone(), plan.delta(y, QKV[2]).clone()
+    finally:
+        eng.end()
+    assert router.computed == 3 + 2
+    torch.testing.assert_close(dq, unfused[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(dk, unfused_other[1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(dv, unfused_other[2], atol=1e-6, rtol=0)
+
+
+def test_training_through_fused_siblings_gives_the_unfused_gradients(tiny_model, lib9):
+    """With gradients on (the delta is returned and added, not accumulated), the fused routing
+    gives the same loss and input gradients as the first, unfused step."""
+    rm = RoutedModel(copy.deepcopy(tiny_model), lib9, router=Arrow(top_k=2, adapters=TASK_ADAPTERS))
+    emb = rm.model.get_input_embeddings()(torch.tensor([[5, 9, 13, 17]])).detach()
+    out = []
+    for _ in range(2):
+        e = emb.clone().requires_grad_()
+        loss = rm(inputs_embeds=e).logits.square().mean()
+        (grad,) = torch.autograd.grad(loss, e)
+        out.append((loss.detach(), grad))
+    assert rm._engine.siblings
+    torch.testing.assert_close(out[1][0], out[0][0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out[1][1], out[0][1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def lib_even(tmp_path_factory, tiny_spec):
+    """Five rank-4 adapters on every projection: unpadded banks, as the fused gather needs."""
+    with Library.open(tmp_path_factory.mktemp("even") / "lib", base_model=tiny_spec) as lib:
+        for i in range(5):
+            lib.add(random_adapter(tiny_spec, f"e{i}", rank=4, seed=20 + i, std=0.15))
+        yield lib
+
+
+@torch.no_grad()
+def test_fused_sibling_gather_equals_the_reference(tiny_model, lib_even, monkeypatch):
+    """Decode-sized steps of a model whose siblings are known run the fused gather (counted), and
+    give the reference backend's logits: a one-token step, a 3-token prompt, two rows, and a
+    KV-cache generation (five slots for 8 bank slots: free slots are rank-0 padding). In bf16 a
+    last-bit difference in a hidden state can flip an Arrow choice in the next layer (bf16 logits
+    tie), so bf16 is compared per module, in the next test."""
+    import quiver.runtime.plan as plan_mod
+
+    calls = []
+    fused = plan_mod.mixture_lora_gather_siblings
+    monkeypatch.setattr(plan_mod, "mixture_lora_gather_siblings", lambda *a: calls.append(1) or fused(*a))
+    rm = RoutedModel(copy.deepcopy(tiny_model), lib_even, router=Arrow(top_k=2))
+    ref = RoutedModel(copy.deepcopy(tiny_model), lib_even, router=Arrow(top_k=2), backend="reference")
+    for ids in (torch.tensor([[7]]), torch.tensor([[5, 9, 13]]), torch.tensor([[3, 4], [8, 9]])):
+        rm._engine.siblings.clear()
+        rm(ids)  # learns the siblings (this step routes every module alone)
+        calls.clear()
+        torch.testing.assert_close(rm(ids).logits, ref(ids).logits, atol=1e-5, rtol=0)
+        assert len(calls) == 2 * 2  # q/k/v and gate/up of both layers
+    gen = rm.generate(input_ids=torch.tensor([[5, 9, 13]]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    want = ref.generate(input_ids=torch.tensor([[5, 9, 13]]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert gen.tolist() == want.tolist()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_kept_delta_is_used_only_for_the_same_unmodified_input(tiny_model, lib_even, dtype):
+    """The fused gather computes k's and v's deltas with q's (equal to each module alone, fp32
+    and bf16); k receiving another tensor, or the same tensor modified in place, gets its own
+    (correct) delta instead."""
+    rm = RoutedModel(copy.deepcopy(tiny_model).to(dtype), lib_even, router=Arrow(top_k=2))
+    eng = rm._engine
+    g = torch.Generator().manual_seed(0)
+    x, other = (torch.randn(1, 4, 32, generator=g).to(dtype) for _ in range(2))
+
+    def run(feeds, siblings):
+        eng.siblings = dict(siblings)
+        plan = eng.begin((1, 4), "cpu")
+        try:
+            outs = []
+            for p, feed in zip(QKV, feeds):
+                xi = feed()
+                outs.append(plan.delta(xi, p, out=torch.zeros(4, eng.source.out_features(p), dtype=dtype)).clone())
+            return outs
+        finally:
+            eng.end()
+
+    alone = run([lambda: x] * 3, {})
+    alone_other = run([lambda: other] * 3, {})
+    qkv = dict.fromkeys(QKV, QKV)
+    for a, b in zip(run([lambda: x] * 3, qkv), alone):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    got = run([lambda: x, lambda: x.clone(), lambda: x], qkv)
+    for a, b in zip(got, alone):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    y = x.clone()
+    got = run([lambda: y, lambda: y.copy_(other), lambda: y], qkv)
+    torch.testing.assert_close(got[0], alone[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[1], alone_other[1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[2], alone_other[2], atol=1e-6, rtol=0)
