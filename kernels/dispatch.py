@@ -8,12 +8,12 @@ Two mixing modes (the adapter scaling is folded into B; index -1 = no adapter):
 Every backend is a :class:`Backend`: one function per mode it implements, ``(x [T, d_in], bank,
 indices [T, k], weights [T, k], meta) -> delta [T, d_out]``, trusting its inputs, plus what it
 *declares* it supports: devices, dtypes and autograd. ``mixture_lora`` validates the inputs
-once, here, and the dispatcher picks by those declarations. A backend may also offer, per mode,
-an *accumulating* form ``(x, bank, indices, weights, meta, out) -> out`` that adds the delta
-into ``out [T, d_out]`` in place (the base layer's output: one pass fewer over a ``d_out``-wide
-buffer); callers use it without gradients and fall back to ``out += impl(...)`` otherwise: ``auto`` takes the first backend of
+once, here, and the dispatcher picks by those declarations: ``auto`` takes the first backend of
 the mode's preference list that supports the call; a backend named explicitly that does not
-support it is refused with a message saying why. Every registered backend gives the
+support it is refused with a message saying why. A backend may also offer, per mode, an
+*accumulating* form ``(x, bank, indices, weights, meta, out) -> out`` that adds the delta into
+``out [T, d_out]`` in place (the base layer's output: one pass fewer over a ``d_out``-wide
+buffer); callers use it without gradients and fall back to ``out += impl(...)`` otherwise. Every registered backend gives the
 reference's gradients for x, the gate weights and the factors (tested); a backend without
 autograd would declare ``autograd=False`` and never be chosen when a gradient is needed.
 The Triton backend is imported on first use, so CPU-only installs never import triton.

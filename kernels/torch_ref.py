@@ -62,16 +62,21 @@ def mixture_lora_gather(x: Tensor, bank: LoraBank, indices: Tensor, weights: Ten
     h = h * (gate if gate.dtype == x.dtype else gate.to(x.dtype)).reshape(-1, 1)
     # [T*k, R, d_out], contiguous: a plain copy of rows when the bank stores B transposed (the
     # runtime's AdapterBank does), a transposing copy otherwise
-    Bt = bank.B.transpose(1, 2).index_select(0, slot)
-    if bank.padded:
-        real = torch.arange(R, device=x.device) < bank.ranks.index_select(0, slot)[:, None]  # [T*k, R]
-        h = torch.where(real, h, 0)  # where, not *: padding may hold NaN
-        Bt = torch.where(real[:, :, None], Bt, 0)
+    h, Bt = _mask_padding(bank, slot, h, bank.B.transpose(1, 2).index_select(0, slot))
     Bt = Bt.reshape(T, k * R, d_out)  # [T, k·R, d_out]
     if out is not None:  # out[t] += h[t] @ Bt[t]   expand + Σ slots, into the caller's buffer
         out.view(T, 1, d_out).baddbmm_(h.view(T, 1, k * R), Bt)
         return out
     return torch.bmm(h.view(T, 1, k * R), Bt).view(T, d_out)  # expand + Σ slots
+
+
+def _mask_padding(bank: LoraBank, slot: Tensor, h: Tensor, Bt: Tensor) -> tuple[Tensor, Tensor]:
+    """Zero the gathered rank columns beyond each selected adapter's own rank (``h: [N, R]``,
+    ``Bt: [N, R, d_out]`` for the ``N`` slots ``slot``); unchanged when every adapter has rank R."""
+    if not bank.padded:
+        return h, Bt
+    real = torch.arange(bank.max_rank, device=h.device) < bank.ranks.index_select(0, slot)[:, None]  # [N, R]
+    return torch.where(real, h, 0), torch.where(real[:, :, None], Bt, 0)  # where, not *: padding may hold NaN
 
 
 def mixture_lora_gather_siblings(x: Tensor, banks: Sequence[LoraBank], indices: Tensor, weights: Tensor,
@@ -97,11 +102,7 @@ def mixture_lora_gather_siblings(x: Tensor, banks: Sequence[LoraBank], indices: 
     h = h.view(M, T, k, R) * (gate if gate.dtype == x.dtype else gate.to(x.dtype)).unsqueeze(3)
     for m, (bank, out) in enumerate(zip(banks, outs)):
         Bt = bank.B.transpose(1, 2).index_select(0, slot[m])  # [T*k, R, d_out]
-        h_m = h[m].reshape(T * k, R)
-        if bank.padded:
-            real = torch.arange(R, device=x.device) < bank.ranks.index_select(0, slot[m])[:, None]  # [T*k, R]
-            h_m = torch.where(real, h_m, 0)  # where, not *: padding may hold NaN
-            Bt = torch.where(real[:, :, None], Bt, 0)
+        h_m, Bt = _mask_padding(bank, slot[m], h[m].reshape(T * k, R), Bt)
         out.view(T, 1, bank.d_out).baddbmm_(h_m.view(T, 1, k * R), Bt.view(T, k * R, bank.d_out))  # expand + Σ slots
 
 

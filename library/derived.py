@@ -61,12 +61,13 @@ class DerivedMixin:
     def text_embeddings(self, progress: bool = True) -> tuple[list[str], torch.Tensor]:
         """Names and ``[N, 384]`` unit text embeddings; missing ones are computed in batches."""
         records = self.list()
-        have = self._text_vectors(records, progress)
+        have, _ = self._text_vectors(records, progress)
         vectors = torch.stack([_vec_from(d) for d in have]) if records else torch.zeros(0, emb.TEXT_DIM)
         return [r.name for r in records], vectors
 
-    def _text_vectors(self, records, progress: bool = False) -> list[bytes]:
-        """Each record's stored text vector; the missing ones are embedded in batches and stored."""
+    def _text_vectors(self, records, progress: bool = False) -> tuple[list[bytes], int]:
+        """Each record's stored text vector, and how many were missing (those are embedded in
+        batches and stored here)."""
         keys = [self._text_key(r) for r in records]
         have = [self._derived(r.blob, "text", k) for r, k in zip(records, keys)]
         todo = [i for i, d in enumerate(have) if d is None]
@@ -78,7 +79,7 @@ class DerivedMixin:
             self._put_derived(items)
             for i, item in zip(todo, items):
                 have[i] = item[3]
-        return have
+        return have, len(todo)
 
     def search(self, query: str, k: int = 3) -> list[tuple[str, float]]:
         """Adapters whose description/examples best match ``query``: ``[(name, cosine)]``."""
@@ -208,9 +209,7 @@ class DerivedMixin:
                 self._put_derived(items)
             written += len(items)
         if "text" in kinds:
-            missing = sum(self._derived(r.blob, "text", self._text_key(r)) is None for r in records)
-            self._text_vectors(records)
-            written += missing
+            written += self._text_vectors(records)[1]
         return written
 
     def embed(self, kinds=("arrow", "svd", "text"), progress: bool = True) -> dict[str, int]:
