@@ -54,7 +54,10 @@ class ArtifactsMixin:
         if row is None:
             have = [r["name"] for r in self._catalog.all("SELECT name FROM artifacts WHERE kind=?", (kind,))]
             raise AdapterNotFoundError(f"no {kind} artifact named {name!r} in {self.path} (have: {have})")
-        tensors = st_load(self._read_blob(row["blob"], f"{kind}/{name}"))
+        def current():
+            now = self._catalog.one("SELECT blob FROM artifacts WHERE kind=? AND name=?", (kind, name))
+            return now["blob"] if now else None
+        tensors = st_load(self._read_blob(row["blob"], f"{kind}/{name}", current))
         return tensors, json.loads(row["config"]), json.loads(row["adapters"])
 
     def artifacts(self, kind: str | None = None) -> list[dict]:

@@ -6,7 +6,11 @@ reads verified against the hash, and deletion once no row references a blob (mix
 from __future__ import annotations
 
 from .blobs import BlobMissingError, BlobStoreError, sha256
-from .errors import CorruptBlobError
+from .errors import AdapterNotFoundError, CorruptBlobError
+
+# How often a read follows a row that was replaced under it before giving up (each follow means
+# another machine committed a new version between two reads of the row).
+_MAX_REREADS = 8
 
 
 class BlobRefsMixin:
@@ -36,18 +40,36 @@ class BlobRefsMixin:
             self._drop_blob_if_unused(replaced)
         return result
 
-    def _read_blob(self, digest: str, name: str) -> bytes:
-        try:
-            data = self._blobs.get(digest)
-        except BlobMissingError:
-            raise CorruptBlobError(f"adapter {name!r}: blob {digest[:12]} is missing "
-                                   f"from {self._blobs.location}") from None
-        except BlobStoreError as e:
-            raise CorruptBlobError(f"adapter {name!r}: {e}") from None
-        if sha256(data) != digest:
-            raise CorruptBlobError(f"adapter {name!r}: blob {digest[:12]} is damaged (hash mismatch) "
-                                   f"in {self._blobs.location}")
-        return data
+    def _read_blob(self, digest: str, name: str, current=None) -> bytes:
+        """The verified bytes of blob ``digest``, which the catalog row of ``name`` referenced.
+
+        Readers take no lock, so another machine may replace or remove the row and delete its
+        blob between this reader's row read and its fetch. ``current()`` (when given) re-reads
+        the row's digest: a missing blob whose row now points elsewhere is read from there, and
+        one whose row is gone raises :class:`AdapterNotFoundError`, as if the row had been read
+        a moment later. Only a blob the row still references and the store lacks is corrupt.
+        """
+        for _ in range(_MAX_REREADS):
+            try:
+                data = self._blobs.get(digest)
+            except BlobMissingError:
+                now = current() if current is not None else digest
+                if now is None:
+                    raise AdapterNotFoundError(f"adapter {name!r} was removed or renamed while "
+                                               "it was being read") from None
+                if now != digest:
+                    digest = now  # replaced meanwhile: read the new version
+                    continue
+                raise CorruptBlobError(f"adapter {name!r}: blob {digest[:12]} is missing "
+                                       f"from {self._blobs.location}") from None
+            except BlobStoreError as e:
+                raise CorruptBlobError(f"adapter {name!r}: {e}") from None
+            if sha256(data) != digest:
+                raise CorruptBlobError(f"adapter {name!r}: blob {digest[:12]} is damaged (hash mismatch) "
+                                       f"in {self._blobs.location}")
+            return data
+        raise CorruptBlobError(f"adapter {name!r} was replaced {_MAX_REREADS} times while it was being read; "
+                               "try again")
 
     def _drop_blob_if_unused(self, digest: str) -> bool:
         """Delete a blob and its derived data if no row references it; True if deleted."""

@@ -347,7 +347,12 @@ class Library(BlobRefsMixin, DerivedMixin, ArtifactsMixin, IntegrityMixin):
     def get(self, name: str) -> LoraAdapter:
         """Load an adapter, verifying its bytes against the stored content hash."""
         rec = self.info(name)
-        return LoraAdapter.from_bytes(self._read_blob(rec.blob, name), name)
+        return LoraAdapter.from_bytes(self._read_blob(rec.blob, name, lambda: self._current_blob(name)), name)
+
+    def _current_blob(self, name: str) -> str | None:
+        """The blob adapter ``name`` references now (None once it is gone)."""
+        row = self._catalog.one("SELECT blob FROM adapters WHERE name=?", (name,))
+        return row["blob"] if row else None
 
     def export_peft(self, name: str, out_dir: str | os.PathLike, overwrite: bool = False, *,
                     hint: str = "overwrite=True") -> Path:

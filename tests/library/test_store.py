@@ -170,6 +170,47 @@ def test_damaged_blob_is_detected_by_get_and_verify(lib, raw, tiny_spec):
     assert [name for name, _ in report.damaged] == ["a"]
 
 
+def other_machine(library: Library) -> Library:
+    """A second writer of the same library (a team library: with its own cache)."""
+    if library._blobs.is_local:
+        return Library.open(library.path)
+    return library._test_target.open("other")
+
+
+@pytest.mark.parametrize("change", ["replace", "rename", "remove"])
+def test_get_racing_a_change_that_deletes_its_blob_reads_what_the_row_says_now(lib, raw, tiny_spec, change):
+    """A reader reads the row, then another machine replaces, renames or removes the adapter
+    (deleting the old blob, except on rename) before the reader fetches the blob: the reader gets
+    the new version, the version it saw, or 'not found', never a 'missing blob' corruption error
+    (every blob a row references is intact)."""
+    other = other_machine(lib)
+    first_adapter = random_adapter(tiny_spec, "a", seed=1)
+    first = other.add(first_adapter)
+    second = random_adapter(tiny_spec, "a", seed=2)
+    fetch, fetched = lib._blobs.get, []
+
+    def racing_get(digest):
+        if not fetched:  # between this reader's row read and its blob read
+            {"replace": lambda: other.add(second, replace=True), "rename": lambda: other.rename("a", "b"),
+             "remove": lambda: other.remove("a")}[change]()
+        fetched.append(digest)
+        return fetch(digest)
+
+    lib._blobs.get = racing_get
+    if change == "remove":
+        with pytest.raises(AdapterNotFoundError, match="'a' was removed or renamed while it was being read"):
+            lib.get("a")
+        assert fetched == [first.blob] and first.blob not in raw.names()
+    else:  # a rename keeps the blob: the read completes as of its row read
+        got, want = lib.get("a"), (second if change == "replace" else first_adapter)
+        assert all(torch.equal(got.modules[p].A, m.A) and torch.equal(got.modules[p].B, m.B)
+                   for p, m in want.modules.items())
+        assert fetched == ([first.blob, other.info("a").blob] if change == "replace" else [first.blob])
+        assert (first.blob in raw.names()) == (change == "rename")
+    del lib._blobs.get
+    assert lib.verify().ok
+
+
 def test_readding_repairs_a_damaged_shared_blob(lib, raw, tiny_spec):
     ad = random_adapter(tiny_spec, "a", seed=1)
     rec = lib.add(ad)
