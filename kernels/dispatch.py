@@ -13,9 +13,10 @@ the mode's preference list that supports the call; a backend named explicitly th
 support it is refused with a message saying why. A backend may also offer, per mode, an
 *accumulating* form ``(x, bank, indices, weights, meta, out) -> out`` that adds the delta into
 ``out [T, d_out]`` in place (the base layer's output: one pass fewer over a ``d_out``-wide
-buffer); callers use it without gradients and fall back to ``out += impl(...)`` otherwise. Every registered backend gives the
-reference's gradients for x, the gate weights and the factors (tested); a backend without
-autograd would declare ``autograd=False`` and never be chosen when a gradient is needed.
+buffer); callers use it without gradients and fall back to ``out += impl(...)`` otherwise. Every
+backend with ``autograd=True`` gives the reference's gradients for x, the gate weights and the
+factors (tested); the native C backend (``kernels/native.py``, fp32 on the CPU, the default for
+decode-sized calls) declares ``autograd=False`` and is never chosen when a gradient is needed.
 The Triton backend is imported on first use, so CPU-only installs never import triton.
 """
 
@@ -80,6 +81,25 @@ class Backend:
         return None
 
 
+def _native_device(device: torch.device) -> bool:
+    """The CPU, once the C kernel is built (at the first call that asks; see kernels/native.py)."""
+    from .native import available
+
+    return device.type == "cpu" and available()
+
+
+def _native(x, bank, indices, weights, meta):
+    from .native import mixture_lora_native
+
+    return mixture_lora_native(x, bank, indices, weights)
+
+
+def _native_into(x, bank, indices, weights, meta, out):
+    from .native import mixture_lora_native
+
+    return mixture_lora_native(x, bank, indices, weights, out=out)
+
+
 def _reference(x, bank, indices, weights, meta):
     return mixture_lora_reference(x, bank, indices, weights)
 
@@ -135,6 +155,9 @@ BACKENDS: dict[str, Backend] = {
                        _ANY, FLOATS, autograd=True, device_note="any device",
                        accumulate={"merge-after": _grouped_into}),
     "dense": Backend({"merge-before": _merge_before_dense}, _ANY, FLOATS, autograd=True, device_note="any device"),
+    "native": Backend({"merge-after": _native}, _native_device, frozenset({torch.float32}), autograd=False,
+                      device_note="it runs on the cpu, once its C kernel is built (kernels/native.py)",
+                      accumulate={"merge-after": _native_into}),
     "triton": Backend({"merge-after": _triton}, _triton_device,
                       frozenset({torch.float32, torch.float16, torch.bfloat16}), autograd=True,
                       device_note="it runs on cuda, or on cpu under TRITON_INTERPRET=1"),
@@ -155,7 +178,7 @@ def preference(x: Tensor, slots: int, mode: str = "merge-after") -> list[str]:
             return ["reference", "grouped"]
         return ["dense", "reference"] if sync_free(x.device) else ["grouped", "reference"]
     if slots <= SMALL_SLOTS:
-        return ["gather", "grouped", "reference"]
+        return ["native", "gather", "grouped", "reference"]
     return (["triton"] if sync_free(x.device) else []) + ["grouped", "reference"]
 
 

@@ -173,11 +173,13 @@ class StepPlan:
         if any(b.max_rank != b0.max_rank or b.d_in != flat.shape[1] or b.dtype != flat.dtype
                or b.device != flat.device for b in banks) or out.dtype != flat.dtype:
             return False
+        key = ("siblings", flat.shape[0], flat.dtype)
+        name = self._impl.get(key)
+        if name is not None and name != "gather":  # per module (e.g. the native kernel): _route
+            return False  # routes the run together and keeps the later siblings' decisions
         decisions = g.router.route_siblings(flat, [RoutingSite(p, g.request_ids) for p in later])
         idx = torch.stack([d.indices for d in decisions])  # [M, T, k], router-local
         w = torch.stack([d.weights for d in decisions])  # [M, T, k]
-        key = ("siblings", idx.shape[1] * idx.shape[2], w.dtype, flat.dtype)
-        name = self._impl.get(key)
         if name is None:
             name = self._impl[key] = resolve_backend(flat, b0, w, idx.shape[1] * idx.shape[2], self.backend)
         if name != "gather" or idx.shape[1] * idx.shape[2] > SMALL_SLOTS:

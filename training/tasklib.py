@@ -77,11 +77,14 @@ def build_group_adapters(model, tok, out_dir: str | Path, groups: dict[str, Sequ
     """One adapter per group, trained on the union of its tasks' training examples (the MBC
     library of the Arrow paper: cluster the task adapters, then train one per cluster), into
     ``out_dir/<group>/``. A group of one task is that task's adapter. Each task contributes
-    ``n_train`` training and ``n_valid`` validation examples; the seed is ``crc32(group)``."""
+    ``n_train`` training and ``n_valid`` validation examples; the seed is ``crc32(group)``. The
+    recipe's ``steps`` are per task: a group of n tasks trains n × steps, so every task's
+    examples get the budget they get in their own adapter."""
     r = {**RECIPE, **(recipe or {})}
     out, done = Path(out_dir), []
     for i, (name, members) in enumerate(groups.items()):
-        cfg = dataclasses.replace(r["train"], seed=task_seed(name), progress=progress)
+        cfg = dataclasses.replace(r["train"], seed=task_seed(name), progress=progress,
+                                  steps=r["train"].steps * len(members))
         target = out / name
         if (target / "adapter_model.safetensors").is_file():
             done.append(target)
@@ -163,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--tasks", nargs="*", default=list(HELD_IN), help="Tasks to train (default: all held-in).")
     ap.add_argument("--clusters", type=Path, help="Train one adapter per cluster instead, on the union of its "
                     "tasks: a JSON file as `quiver library cluster --out` writes it ({\"clusters\": {id: [tasks]}}).")
-    ap.add_argument("--steps", type=int, default=RECIPE["train"].steps, help="Optimiser steps (default: %(default)s).")
+    ap.add_argument("--steps", type=int, default=RECIPE["train"].steps,
+                    help="Optimiser steps per task (default: %(default)s); a cluster of n tasks trains n × steps.")
     ap.add_argument("--lr", type=float, default=RECIPE["train"].lr, help="Peak learning rate (default: %(default)s).")
     ap.add_argument("--rank", type=int, default=RECIPE["rank"], help="LoRA rank (default: %(default)s).")
     ap.add_argument("--targets", nargs="+", default=list(RECIPE["targets"]),

@@ -12,16 +12,17 @@ from quiver.kernels.dispatch import MODES
 
 
 def test_registry_names():
-    assert set(BACKENDS) == {"reference", "gather", "grouped", "dense", "triton"}
+    assert set(BACKENDS) == {"reference", "gather", "grouped", "dense", "native", "triton"}
 
 
 def test_unknown_backend_lists_valid_names(case_factory):
     case = case_factory(4, 8, 6, [2], 1)
-    with pytest.raises(ValueError, match="valid: auto, reference, gather, grouped, dense, triton"):
+    with pytest.raises(ValueError, match="valid: auto, reference, gather, grouped, dense, native, triton"):
         mixture_lora(case.x, case.bank, case.indices, case.weights, backend="cuda")
 
 
-def test_auto_is_gather_for_small_calls_and_grouped_on_cpu(case_factory):
+def test_auto_is_gather_for_small_calls_and_grouped_on_cpu(case_factory, monkeypatch):
+    monkeypatch.setitem(BACKENDS, "native", dataclasses.replace(BACKENDS["native"], devices=lambda d: False))
     small = case_factory(4, 8, 6, [2, 3], 2)
     assert pick_backend(small.x, small.indices.numel()) == "gather"
     torch.testing.assert_close(mixture_lora(small.x, small.bank, small.indices, small.weights),
@@ -68,7 +69,8 @@ def _grads(backend: str, mode: str, case, cotangent: torch.Tensor):
 
 
 @pytest.mark.parametrize("mode, backend", [(m, b) for m in MODES for b in BACKENDS
-                                           if b != "triton" and m in BACKENDS[b].impls and b != "reference"])
+                                           if b != "triton" and m in BACKENDS[b].impls and b != "reference"
+                                           and BACKENDS[b].autograd])
 def test_every_backend_gives_the_reference_gradients(mode, backend, case_factory):
     """x, the gate weights and both factors (ranks 2-5 mixed in one bank, empty slots, repeats)."""
     for T in (5, 40):  # both sides of SMALL_SLOTS

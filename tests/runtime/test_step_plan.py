@@ -7,11 +7,14 @@ engine, with a kept decision never used for another input."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from quiver import Library, RoutedModel
+from quiver.kernels import native
+from quiver.kernels.dispatch import BACKENDS
 from quiver.library.synthetic import random_adapter
 from quiver.routing import MHR, Arrow, Fixed, MoEGate, Single, Uniform
 from quiver.runtime import CapacityError
@@ -334,6 +337,8 @@ def test_fused_sibling_gather_equals_the_reference(tiny_model, lib_even, monkeyp
     tie), so bf16 is compared per module, in the next test."""
     import quiver.runtime.plan as plan_mod
 
+    # The native backend, where it builds, is preferred for these sizes and runs no sibling fusion.
+    monkeypatch.setitem(BACKENDS, "native", dataclasses.replace(BACKENDS["native"], devices=lambda d: False))
     calls = []
     fused = plan_mod.mixture_lora_gather_siblings
     monkeypatch.setattr(plan_mod, "mixture_lora_gather_siblings", lambda *a: calls.append(1) or fused(*a))
@@ -347,6 +352,34 @@ def test_fused_sibling_gather_equals_the_reference(tiny_model, lib_even, monkeyp
         assert len(calls) == 2 * 2  # q/k/v and gate/up of both layers
     gen = rm.generate(input_ids=torch.tensor([[5, 9, 13]]), max_new_tokens=6, do_sample=False, pad_token_id=0)
     want = ref.generate(input_ids=torch.tensor([[5, 9, 13]]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert gen.tolist() == want.tolist()
+
+
+@torch.no_grad()
+@pytest.mark.skipif(not native.available(), reason="no C compiler for the native backend")
+def test_native_steps_equal_the_reference_and_each_row_alone(tiny_model, lib9, monkeypatch):
+    """The default CPU backend for decode-sized fp32 steps is the native kernel (counted): a batch
+    of two rows gives the reference backend's logits and each row's logits run alone, and a
+    KV-cache generation gives the reference's tokens."""
+    calls = []
+    nat = BACKENDS["native"]
+
+    def counted(fn):
+        return lambda *a, **kw: calls.append(1) or fn(*a, **kw)
+
+    monkeypatch.setitem(BACKENDS, "native", dataclasses.replace(
+        nat, impls={m: counted(f) for m, f in nat.impls.items()},
+        accumulate={m: counted(f) for m, f in nat.accumulate.items()}))
+    rm = RoutedModel(copy.deepcopy(tiny_model), lib9, router=Arrow(top_k=2))
+    ref = RoutedModel(copy.deepcopy(tiny_model), lib9, router=Arrow(top_k=2), backend="reference")
+    ids = torch.tensor([[3, 4, 11], [8, 9, 2]])
+    got = rm(ids).logits
+    assert calls, "the native backend was not used"
+    torch.testing.assert_close(got, ref(ids).logits, atol=1e-5, rtol=0)
+    for row in range(2):
+        torch.testing.assert_close(got[row], rm(ids[row:row + 1]).logits[0], atol=1e-5, rtol=0)
+    gen = rm.generate(input_ids=ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    want = ref.generate(input_ids=ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert gen.tolist() == want.tolist()
 
 

@@ -107,3 +107,18 @@ def test_the_task_library_recipe_records_init_and_lr_a_ratio(tiny_model, tiny_to
     build_task_adapters(copy.deepcopy(tiny_model), tiny_tokenizer, tmp_path, ["uppercase"], recipe, progress=False)
     log = json.loads((tmp_path / "uppercase" / "training.json").read_text())
     assert log["recipe"]["init"] == "b-random" and log["recipe"]["lr_a_ratio"] == 2.0
+
+
+def test_a_cluster_adapter_trains_the_per_task_steps_for_each_of_its_tasks(tiny_model, tiny_tokenizer, tmp_path):
+    """``steps`` are per task: a cluster of two tasks trains twice as long on the union of their
+    examples (each task's examples get the budget of its own adapter), a single task its steps."""
+    from quiver.training.tasklib import build_group_adapters
+
+    recipe = {"train": TrainConfig(steps=2, batch_size=2, lr=1e-2, warmup_steps=0), "n_train": 4, "n_valid": 2,
+              "rank": 2, "alpha": 4.0}
+    build_group_adapters(copy.deepcopy(tiny_model), tiny_tokenizer, tmp_path,
+                         {"pair": ["uppercase", "lowercase"], "one": ["uppercase"]}, recipe, progress=False)
+    pair = json.loads((tmp_path / "pair" / "training.json").read_text())
+    one = json.loads((tmp_path / "one" / "training.json").read_text())
+    assert (pair["step"], len(pair["loss"]), pair["tasks"]) == (4, 4, ["uppercase", "lowercase"])
+    assert (one["step"], len(one["loss"])) == (2, 2)

@@ -1,0 +1,153 @@
+"""The native CPU backend: ``native_mixture.c`` compiled at first use, called through ctypes.
+
+Why not a PyTorch extension: the kernel needs no PyTorch headers (raw float32 pointers and
+strides), so a plain ``cc -O3 -march=native -fopenmp-simd -shared`` builds it in about a
+second, with no ninja and no torch headers, and ctypes calls it without pybind. The shared
+object goes to ``$QUIVER_CACHE/native/`` under a name that hashes the source, the flags and this
+CPU's instruction-set flags (so a cache shared by different machines never loads a binary built
+for another CPU); it is written to a temporary file and renamed into place, so concurrent first
+uses never see half a file.
+
+When it cannot be built (no C compiler, ``QUIVER_NATIVE=0``, a build error), the backend is
+unavailable and the dispatcher uses the PyTorch paths; :func:`unavailable` says why (and the
+reason is logged once). Float32 on the CPU only, without autograd (inference: the registry
+declares ``autograd=False``, so a call that needs gradients never lands here).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .bank import LoraBank
+
+log = logging.getLogger("quiver.kernels")
+SOURCE = Path(__file__).with_name("native_mixture.c")
+MAX_RANK = 1024  # QV_MAX_RANK in the C source
+_FLAG_SETS = (["-O3", "-march=native", "-fopenmp-simd"], ["-O3", "-fopenmp-simd"], ["-O3"])
+
+_state: dict = {}  # "fn": the loaded function, or "why": the reason there is none
+
+
+def _cpu_signature() -> str:
+    """What a binary built with -march=native depends on: the machine and its ISA flags."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def _cache_dir() -> Path:
+    from quiver.library.base_model import default_cache_dir
+
+    return default_cache_dir() / "native"
+
+
+def _build(cc: str) -> Path:
+    """The shared object for this source and CPU, compiled now unless already cached."""
+    src = SOURCE.read_bytes()
+    out_dir = _cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in _FLAG_SETS:
+        tag = hashlib.sha256(src + repr(flags).encode() + _cpu_signature().encode()).hexdigest()[:16]
+        target = out_dir / f"mixture-{tag}.so"
+        if target.exists():
+            return target
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        try:
+            done = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
+                                  capture_output=True, text=True, timeout=120)
+            if done.returncode == 0:
+                os.replace(tmp, target)
+                return target
+            errors.append(f"{' '.join(flags)}: {done.stderr.strip()[-300:]}")
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    raise RuntimeError("; ".join(errors))
+
+
+def _load():
+    if "fn" in _state or "why" in _state:
+        return _state.get("fn")
+    why = None
+    if os.environ.get("QUIVER_NATIVE", "1") == "0":
+        why = "disabled by QUIVER_NATIVE=0"
+    else:
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if cc is None:
+            why = "no C compiler found (set CC, or install gcc or clang)"
+        else:
+            try:
+                fn = ctypes.CDLL(str(_build(cc))).quiver_mixture_f32
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                why = f"building {SOURCE.name} with {cc} failed: {e}"
+    if why is not None:
+        _state["why"] = why
+        log.warning("native CPU mixture backend unavailable (%s); using the PyTorch paths", why)
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64]
+    fn.restype = i64
+    _state["fn"] = fn
+    return fn
+
+
+def available() -> bool:
+    """Whether the native kernel is built and loaded (building it on the first call)."""
+    return _load() is not None
+
+
+def unavailable() -> str | None:
+    """Why the native backend cannot run here, or None when it can."""
+    _load()
+    return _state.get("why")
+
+
+def mixture_lora_native(x: Tensor, bank: LoraBank, indices: Tensor, weights: Tensor,
+                        out: Tensor | None = None) -> Tensor:
+    """``out += delta`` (or a new ``delta: [T, d_out]`` when ``out`` is None), float32 on the CPU:
+    the semantics of :func:`quiver.kernels.torch_ref.mixture_lora_reference`, in one C call.
+    An index outside ``[-1, E)`` raises ``ValueError`` before anything is written."""
+    # x: [T, d_in], indices / weights: [T, k], out: [T, d_out]
+    fn = _load()
+    if fn is None:
+        raise RuntimeError(f"the native mixture backend is unavailable: {_state['why']}")
+    if bank.max_rank > MAX_RANK:  # the kernel's per-slot buffer is MAX_RANK floats: rare, so the gather path
+        from .torch_ref import mixture_lora_gather
+
+        return mixture_lora_gather(x, bank, indices, weights, out=out)
+    T, k = indices.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    idx = indices if indices.dtype == torch.int64 and indices.is_contiguous() else indices.to(torch.int64).contiguous()
+    w = weights if weights.dtype == torch.float32 and weights.is_contiguous() else weights.float().contiguous()
+    A = bank.A if bank.A.stride(-1) == 1 else bank.A.contiguous()
+    B, ranks = bank.B, bank.ranks if bank.ranks.is_contiguous() else bank.ranks.contiguous()
+    if out is None:
+        out = torch.zeros(T, bank.d_out, dtype=torch.float32)
+    elif out.stride(-1) != 1:
+        raise ValueError("the native backend adds into an output whose last dimension is contiguous")
+    rc = fn(x.data_ptr(), T, bank.d_in, x.stride(0), idx.data_ptr(), w.data_ptr(), k,
+            A.data_ptr(), A.stride(0), A.stride(1),
+            B.data_ptr(), B.stride(0), B.stride(1), B.stride(2),
+            ranks.data_ptr(), bank.num_adapters, out.data_ptr(), bank.d_out, out.stride(0))
+    if rc:
+        bad = int(idx.reshape(-1)[rc - 1])
+        raise ValueError(f"routing index {bad} outside [-1, {bank.num_adapters})")
+    return out
