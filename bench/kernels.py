@@ -10,6 +10,9 @@ median time of:
 - ``grouped``: ``mixture_lora(backend="grouped")`` given a prebuilt meta
 - ``meta``:    ``build_meta``, paid once per batch and shared by every module using the decision
 - ``triton``:  ``mixture_lora(backend="triton")`` given a prebuilt meta (CUDA only)
+- ``gather``:  ``mixture_lora(backend="gather")``: the PyTorch path for small calls (CPU)
+- ``native``:  ``mixture_lora(backend="native")``: the C kernel, the CPU default for small fp32
+               calls (CPU, when it builds; see ``quiver.kernels.native``)
 
 At these sizes a GPU spends most of each eager call launching kernels, so on CUDA base, dense
 and triton are also timed as CUDA-graph replays (``graph:`` columns; 10 calls per graph),
@@ -25,7 +28,7 @@ import argparse
 import torch
 from torch.utils import benchmark
 
-from quiver.kernels import LoraBank, build_meta, mixture_lora
+from quiver.kernels import LoraBank, build_meta, mixture_lora, native
 
 MODES = {"prefill": 8 * 128, "decode": 16}
 PROJECTIONS = [(576, 576), (576, 1536)]  # (d_in, d_out): q_proj, up_proj
@@ -66,7 +69,8 @@ def columns(device: str) -> tuple[list[str], list[str]]:
     if device == "cuda":
         return (["base", "dense", "meta", "grouped", "triton", "graph:base", "graph:dense", "graph:triton"],
                 ["graph:dense", "graph:triton"])
-    return ["base", "dense", "meta", "grouped"], ["dense", "grouped"]
+    small = ["gather"] + (["native"] if native.available() else [])
+    return ["base", "dense", "meta", "grouped", *small], ["dense", "grouped", *small]
 
 
 def run(device: str, dtype: torch.dtype, min_time: float) -> list[dict]:
@@ -92,7 +96,9 @@ def run(device: str, dtype: torch.dtype, min_time: float) -> list[dict]:
                        "dense": lambda: dense_all_adapters(x, A_cat, B_cat, gates),
                        "meta": lambda: build_meta(indices, weights, E),
                        "grouped": lambda: mixture_lora(x, bank, indices, weights, meta, "grouped"),
-                       "triton": lambda: mixture_lora(x, bank, indices, weights, meta, "triton")}
+                       "triton": lambda: mixture_lora(x, bank, indices, weights, meta, "triton"),
+                       "gather": lambda: mixture_lora(x, bank, indices, weights, None, "gather"),
+                       "native": lambda: mixture_lora(x, bank, indices, weights, None, "native")}
                 row = dict(mode=mode, T=T, shape=f"{d_in}->{d_out}", E=E)
                 for col in timed:
                     if col.startswith("graph:"):
