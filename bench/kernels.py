@@ -11,7 +11,7 @@ median time of:
 - ``meta``:    ``build_meta``, paid once per batch and shared by every module using the decision
 - ``triton``:  ``mixture_lora(backend="triton")`` given a prebuilt meta (CUDA only)
 - ``gather``:  ``mixture_lora(backend="gather")``: the PyTorch path for small calls (CPU)
-- ``native``:  ``mixture_lora(backend="native")``: the C kernel, the CPU default for small fp32
+- ``native``:  ``mixture_lora(backend="native")``: the C kernel, the CPU default for fp32 inference
                calls (CPU, when it builds; see ``quiver.kernels.native``)
 
 At these sizes a GPU spends most of each eager call launching kernels, so on CUDA base, dense

@@ -15,8 +15,8 @@ support it is refused with a message saying why. A backend may also offer, per m
 ``out [T, d_out]`` in place (the base layer's output: one pass fewer over a ``d_out``-wide
 buffer); callers use it without gradients and fall back to ``out += impl(...)`` otherwise. Every
 backend with ``autograd=True`` gives the reference's gradients for x, the gate weights and the
-factors (tested); the native C backend (``kernels/native.py``, fp32 on the CPU, the default for
-decode-sized calls) declares ``autograd=False`` and is never chosen when a gradient is needed.
+factors (tested); the native C backend (``kernels/native.py``, fp32 on the CPU, the default
+there for inference calls of every size) declares ``autograd=False`` and is never chosen when a gradient is needed.
 The Triton backend is imported on first use, so CPU-only installs never import triton.
 """
 
@@ -169,8 +169,9 @@ SMALL_SLOTS = 32
 
 
 def preference(x: Tensor, slots: int, mode: str = "merge-after") -> list[str]:
-    """The order ``auto`` tries backends in: gathering for small calls (``slots`` = T·k <=
-    SMALL_SLOTS), else Triton on CUDA, else the grouped torch path; the reference last.
+    """The order ``auto`` tries backends in: the native C kernel (float32 on the CPU without
+    gradients), or gathering, for small calls (``slots`` = T·k <= SMALL_SLOTS); for larger ones
+    Triton on CUDA, else the native kernel, else the grouped torch path; the reference last.
     Merge-before: the reference for small calls, else the dense path on CUDA (no host read),
     else the grouped path."""
     if mode == "merge-before":
@@ -179,7 +180,7 @@ def preference(x: Tensor, slots: int, mode: str = "merge-after") -> list[str]:
         return ["dense", "reference"] if sync_free(x.device) else ["grouped", "reference"]
     if slots <= SMALL_SLOTS:
         return ["native", "gather", "grouped", "reference"]
-    return (["triton"] if sync_free(x.device) else []) + ["grouped", "reference"]
+    return (["triton"] if sync_free(x.device) else []) + ["native", "grouped", "reference"]
 
 
 def needs_grad(x: Tensor, bank: LoraBank, weights: Tensor) -> bool:

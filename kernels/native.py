@@ -1,5 +1,8 @@
 """The native CPU backend: ``native_mixture.c`` compiled at first use, called through ctypes.
 
+Two entry points: :func:`mixture_lora_native` (the mixture delta) and :func:`linear_gate_native`
+(a linear router's gate and top-k softmax, e.g. Arrow's, for decoding-sized steps).
+
 Why not a PyTorch extension: the kernel needs no PyTorch headers (raw float32 pointers and
 strides), so a plain ``cc -O3 -march=native -fopenmp-simd -shared`` builds it in about a
 second, with no ninja and no torch headers, and ctypes calls it without pybind. The shared
@@ -34,9 +37,10 @@ from .bank import LoraBank
 log = logging.getLogger("quiver.kernels")
 SOURCE = Path(__file__).with_name("native_mixture.c")
 MAX_RANK = 1024  # QV_MAX_RANK in the C source
+MAX_K = 64  # QV_MAX_K in the C source
 _FLAG_SETS = (["-O3", "-march=native", "-fopenmp-simd"], ["-O3", "-fopenmp-simd"], ["-O3"])
 
-_state: dict = {}  # "fn": the loaded function, or "why": the reason there is none
+_state: dict = {}  # "fn" / "gate": the loaded functions, or "why": the reason there are none
 
 
 def _cpu_signature() -> str:
@@ -72,7 +76,7 @@ def _build(cc: str) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
         os.close(fd)
         try:
-            done = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
+            done = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", tmp, str(SOURCE), "-lm"],
                                   capture_output=True, text=True, timeout=120)
             if done.returncode == 0:
                 os.replace(tmp, target)
@@ -95,7 +99,8 @@ def _load():
             why = "no C compiler found (set CC, or install gcc or clang)"
         else:
             try:
-                fn = ctypes.CDLL(str(_build(cc))).quiver_mixture_f32
+                so = ctypes.CDLL(str(_build(cc)))
+                fn, gate = so.quiver_mixture_f32, so.quiver_topk_softmax_f32
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 why = f"building {SOURCE.name} with {cc} failed: {e}"
     if why is not None:
@@ -105,7 +110,9 @@ def _load():
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64]
     fn.restype = i64
-    _state["fn"] = fn
+    gate.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, i64, ctypes.c_float, ptr, ptr]
+    gate.restype = i64
+    _state["fn"], _state["gate"] = fn, gate
     return fn
 
 
@@ -147,7 +154,37 @@ def mixture_lora_native(x: Tensor, bank: LoraBank, indices: Tensor, weights: Ten
             A.data_ptr(), A.stride(0), A.stride(1),
             B.data_ptr(), B.stride(0), B.stride(1), B.stride(2),
             ranks.data_ptr(), bank.num_adapters, out.data_ptr(), bank.d_out, out.stride(0))
+    if rc == -1:
+        raise MemoryError(f"the native mixture could not allocate its sort buffers ({T * k} slots, "
+                          f"{bank.num_adapters} adapters)")
     if rc:
         bad = int(idx.reshape(-1)[rc - 1])
         raise ValueError(f"routing index {bad} outside [-1, {bank.num_adapters})")
     return out
+
+
+def linear_gate_native(x: Tensor, weight: Tensor, present: Tensor | None, modules: int, absolute: bool,
+                       top_k: int, temperature: float) -> tuple[Tensor, Tensor]:
+    """A linear router's decision at ``modules`` modules reading ``x: [T, d_in]``, float32 on
+    the CPU: the semantics of :meth:`quiver.routing.base.LinearGate.route` (``weight: [d_in, M·E]``,
+    ``present: bool [M, E]`` or None): the logits by one PyTorch GEMM, then abs, mask, top-k
+    and softmax in one C call. Returns ``indices int64 [M, T, k']`` and ``weights float32
+    [M, T, k']`` with ``k' = min(top_k, E)``."""
+    if _load() is None:
+        raise RuntimeError(f"the native backend is unavailable: {_state['why']}")
+    T = x.shape[0]
+    N = weight.shape[1]
+    E = N // modules
+    k = min(top_k, E)
+    if not 1 <= k <= MAX_K or N != modules * E or weight.shape[0] != x.shape[1]:
+        raise ValueError(f"linear_gate_native: top_k {top_k} outside [1, {MAX_K}] or gate weight "
+                         f"{tuple(weight.shape)} not [{x.shape[1]}, {modules} modules × E]")
+    sim = x @ weight  # [T, M·E]
+    pres = None if present is None else present if present.dtype == torch.bool else present.bool()
+    pres = None if pres is None else pres.contiguous()  # bool: one byte per element, as the C side reads it
+    idx = torch.empty(modules, T, k, dtype=torch.int64)
+    w = torch.empty(modules, T, k, dtype=torch.float32)
+    if T:
+        _state["gate"](sim.data_ptr(), T, sim.stride(0), modules, E, None if pres is None else pres.data_ptr(),
+                       int(absolute), k, float(temperature), idx.data_ptr(), w.data_ptr())
+    return idx, w

@@ -1,7 +1,7 @@
 """Routers: given a module's input tokens, which adapters and with what weight (see base.py)."""
 
 from .arrow import Arrow
-from .base import AdapterSource, LearnedRouter, Router, RoutingDecision, RoutingSite
+from .base import AdapterSource, LearnedRouter, LinearGate, Router, RoutingDecision, RoutingSite
 from .mhr import MHR, Poly
 from .moe import MoEGate
 from .persist import load_router, save_router
@@ -22,6 +22,6 @@ def make_router(name: str, **kwargs) -> Router:
     return cls(**kwargs)
 
 
-__all__ = ["ROUTERS", "AdapterSource", "Arrow", "Fixed", "LearnedRouter", "MHR", "MoEGate", "Poly", "Retrieval",
-           "Router", "RoutingDecision", "RoutingSite", "Single", "Uniform", "load_router", "make_router",
+__all__ = ["ROUTERS", "AdapterSource", "Arrow", "Fixed", "LearnedRouter", "LinearGate", "MHR", "MoEGate", "Poly",
+           "Retrieval", "Router", "RoutingDecision", "RoutingSite", "Single", "Uniform", "load_router", "make_router",
            "save_router"]

@@ -25,7 +25,7 @@ from torch import Tensor
 from quiver.library import LoraAdapter, LoraModule
 from quiver.library import embeddings as emb
 
-from .base import AdapterSource, Router, RoutingDecision, RoutingSite, top_k_softmax
+from .base import AdapterSource, LinearGate, Router, RoutingDecision, RoutingSite
 
 MODES = ("merge-after", "merge-before")
 
@@ -46,7 +46,7 @@ class Arrow(Router):
         self.general = list(general or [])
         self._protos: dict[str, Tensor] = {}  # module path -> [E, d_in]; zero rows where absent
         self._present: dict[str, Tensor] = {}  # module path -> bool [E]
-        self._on_device: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._gates: dict[tuple, LinearGate] = {}  # (paths, device, dtype) -> the stacked gate
 
     def config(self) -> dict:
         return {"top_k": self.top_k, "temperature": self.temperature, "mode": self.mode, "general": self.general}
@@ -76,7 +76,7 @@ class Arrow(Router):
                     P[e] = p[path][0]
             self._protos[path] = P
             self._present[path] = torch.tensor([path in p for p in protos])
-        self._on_device.clear()
+        self._gates.clear()
 
     def route(self, x: Tensor, site: RoutingSite) -> RoutingDecision:  # x: [T, d_in]
         return self.route_siblings(x, [site])[0]
@@ -85,18 +85,21 @@ class Arrow(Router):
         """The M modules of ``sites`` read the same ``x``: their logits in one GEMM against the
         stacked prototypes ``[d_in, M·E]``, one top-k and one softmax over ``[M, T, E]``. Each
         module's decision is exactly :meth:`route`'s at that module (its own prototypes)."""
-        paths = tuple(s.module for s in sites)
-        key = (paths, x.device, x.dtype)
-        if key not in self._on_device:  # host-side facts computed once: no device read per step
+        idx, w = self.linear_gate(tuple(s.module for s in sites), x.device, x.dtype).route(x)  # [M, T, k]
+        return [RoutingDecision(idx[m], w[m]) for m in range(len(sites))]
+
+    def linear_gate(self, paths: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> LinearGate:
+        """Arrow at ``paths`` is the linear gate ``|x · v_e|`` over their stacked prototypes
+        (host-side facts computed once per (paths, device, dtype): no device read per step)."""
+        key = (paths, device, dtype)
+        gate = self._gates.get(key)
+        if gate is None:
             present = torch.stack([self._present[p] for p in paths])  # bool [M, E], on the host
-            n = int(present.sum(1).min())
-            Pt = torch.cat([self._protos[p] for p in paths]).T.to(x.device, x.dtype).contiguous()
-            self._on_device[key] = (Pt, None if bool(present.all()) else present[:, None, :].to(x.device), n)
-        Pt, present, n_present = self._on_device[key]  # Pt: [d_in, M·E]; present: bool [M, 1, E] or None (all)
-        M = len(paths)
-        sim = (x @ Pt).abs().view(x.shape[0], M, Pt.shape[1] // M).transpose(0, 1)  # [M, T, E]
-        idx, w = top_k_softmax(sim, self.top_k, self.temperature, present, n_present)  # [M, T, k], rows contiguous
-        return [RoutingDecision(idx[m], w[m]) for m in range(M)]
+            weight = torch.cat([self._protos[p] for p in paths]).T.to(device, dtype).contiguous()  # [d_in, M·E]
+            gate = self._gates[key] = LinearGate(
+                weight, None if bool(present.all()) else present.to(device), int(present.sum(1).min()),
+                len(paths), absolute=True, top_k=self.top_k, temperature=self.temperature)
+        return gate
 
 
 def _prototypes(adapter: LoraAdapter) -> dict[str, tuple[Tensor, float]]:

@@ -23,6 +23,10 @@ What the runtime must know about a router is declared on its class, never guesse
 - ``fuses_siblings``: True when :meth:`Router.route_siblings` routes several modules that read
   the same input (q/k/v, gate/up) in one call, more cheaply than one :meth:`Router.route` each
   (Arrow: one logits GEMM). The runtime then routes a module's later siblings with its first.
+- :meth:`Router.linear_gate`: a router whose decision at a module is a *linear gate* (logits
+  ``x·G^T``, or their absolute values, then :func:`top_k_softmax`) returns that gate, so that the
+  runtime may evaluate it with another kernel (the native CPU one, for decoding steps); its
+  :meth:`Router.route_siblings` must equal :meth:`LinearGate.route` of that gate.
 - ``head_splits``: H > 1 asks the runtime for H *head views* of every source (MHR's head
   splitting, see routing/mhr.py); the router's indices then run over the H·S views, view
   (h, s) at index h·S + s.
@@ -81,6 +85,37 @@ class RoutingSite:
 
     module: str  # full module path in the base model, e.g. model.layers.3.self_attn.q_proj
     request_ids: Tensor  # int64 [T]: the request of each token of x (its index in prepare's lists)
+
+
+@dataclass(frozen=True)
+class LinearGate:
+    """A router's gate at M modules that read one input, in the form any kernel can evaluate.
+
+    ``weight: [d_in, M·E]`` holds module m's gate vectors in columns ``m·E .. m·E+E-1`` (Arrow:
+    the prototypes), on the device and in the dtype the gate is evaluated in (GEMM-ready);
+    ``present: bool [M, E]`` (None = all) the adapters that exist at each module, ``n_present``
+    the smallest per-module count of them (a host integer). For module m and token t::
+
+        s[m, t, e] = |x_t · weight[:, m·E + e]|  (absolute)   or   x_t · weight[:, m·E + e]
+        indices, weights = top_k_softmax(s, top_k, temperature, present)     [M, T, k']
+    """
+
+    weight: Tensor
+    present: Tensor | None
+    n_present: int
+    modules: int
+    absolute: bool
+    top_k: int
+    temperature: float = 1.0
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The reference evaluation (PyTorch): ``indices int64 [M, T, k']``, ``weights [M, T, k']``."""
+        M = self.modules
+        s = (x @ self.weight).view(x.shape[0], M, self.weight.shape[1] // M).transpose(0, 1)  # [M, T, E]
+        if self.absolute:
+            s = s.abs()
+        present = None if self.present is None else self.present[:, None, :]
+        return top_k_softmax(s, self.top_k, self.temperature, present, self.n_present)
 
 
 def top_k_softmax(logits: Tensor, k: int, temperature: float = 1.0, present: Tensor | None = None,
@@ -147,6 +182,11 @@ class Router:
         """One decision per site for modules that all read ``x``; each equals ``route(x, site)``.
         Routers that declare ``fuses_siblings`` override it with one fused computation."""
         return [self.route(x, s) for s in sites]
+
+    def linear_gate(self, paths: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> LinearGate | None:
+        """The linear gate this router's decisions at ``paths`` (modules reading one input) are,
+        or None when they are not one (the default). See :class:`LinearGate`."""
+        return None
 
     def prepare(self, *, prompts: list[str] | None = None, tasks: list[str | None] | None = None) -> None:
         """Per-request information for the next forward/generate calls (row i = request i).

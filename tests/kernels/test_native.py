@@ -42,12 +42,13 @@ def test_native_adds_into_out_exactly_what_it_returns(name, case_factory):
 
 @needs_native
 def test_a_token_gets_bitwise_the_same_delta_in_any_batch(case_factory):
-    """Each token's row depends on its own input and decision only: batching never changes it."""
-    case = case_factory(33, 576, 192, [8, 4, 8, 2, 8], 2)
+    """Each token's row depends on its own input and decision only: batching never changes it
+    (a prefill-sized call over 40 adapters against each token alone)."""
+    case = case_factory(300, 576, 192, [8, 4, 8, 2, 8] * 8, 2)
     bank = _transposed_b(case.bank)
     together = mixture_lora(case.x, bank, case.indices, case.weights, backend="native")
     assert together.abs().max() > 0
-    for t in range(33):
+    for t in range(0, 300, 7):
         alone = mixture_lora(case.x[t:t + 1], bank, case.indices[t:t + 1], case.weights[t:t + 1], backend="native")
         assert torch.equal(alone[0], together[t])
 
@@ -78,12 +79,14 @@ def test_an_index_outside_the_bank_raises_and_writes_nothing(bad, case_factory):
 
 
 @needs_native
-def test_auto_picks_native_for_small_float32_calls_only(case_factory):
+def test_auto_picks_native_for_float32_inference_calls_only(case_factory):
     small = case_factory(4, 8, 6, [2, 3], 2)
     assert pick_backend(small.x, small.indices.numel()) == "native"
     assert pick_backend(small.x.bfloat16(), small.indices.numel()) == "gather"  # float32 only
     assert pick_backend(small.x, small.indices.numel(), grad=True) == "gather"  # no autograd
-    assert pick_backend(small.x, 400) == "grouped"
+    assert pick_backend(small.x, 400) == "native"  # prefill-sized calls too
+    assert pick_backend(small.x.bfloat16(), 400) == "grouped"
+    assert pick_backend(small.x, 400, grad=True) == "grouped"
 
 
 def test_without_a_compiler_the_backend_is_refused_with_the_reason(case_factory, monkeypatch):
@@ -100,3 +103,66 @@ def test_without_a_compiler_the_backend_is_refused_with_the_reason(case_factory,
     monkeypatch.setenv("CC", "/nonexistent/cc")
     monkeypatch.setenv("QUIVER_CACHE", str(__import__("tempfile").mkdtemp()))  # nothing cached: must build
     assert not native.available() and "building native_mixture.c with /nonexistent/cc failed" in native.unavailable()
+
+
+def _gate(M, E, d_in, k, absolute=True, temperature=1.0, absent=(), seed=0):
+    from quiver.routing import LinearGate
+
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(d_in, M * E, generator=g)
+    present = None
+    if absent:
+        present = torch.ones(M, E, dtype=torch.bool)
+        for m, e in absent:
+            present[m, e] = False
+            weight[:, m * E + e] = 0.0  # as Arrow stores an adapter absent at a module
+    n_present = E if present is None else int(present.sum(1).min())
+    return LinearGate(weight, present, n_present, M, absolute=absolute, top_k=k, temperature=temperature)
+
+
+def _native_gate(x, gate):
+    return native.linear_gate_native(x, gate.weight, gate.present, gate.modules, gate.absolute, gate.top_k,
+                                     gate.temperature)
+
+
+@needs_native
+@pytest.mark.parametrize("T", [0, 1, 5, 16, 32, 300])
+@pytest.mark.parametrize("M,E,k", [(1, 4, 2), (3, 16, 2), (2, 256, 4), (1, 3, 8), (2, 7, 1)])
+@pytest.mark.parametrize("absolute", [True, False], ids=["abs", "signed"])
+def test_native_gate_equals_the_linear_gate(T, M, E, k, absolute):
+    gate = _gate(M, E, 96, k, absolute=absolute, temperature=0.7 if absolute else 1.0)
+    x = torch.randn(T, 96, generator=torch.Generator().manual_seed(T))
+    idx, w = _native_gate(x, gate)
+    want_idx, want_w = gate.route(x)
+    assert idx.shape == w.shape == (M, T, min(k, E))
+    assert torch.equal(idx, want_idx)
+    torch.testing.assert_close(w, want_w, atol=1e-6, rtol=1e-5)
+    if T:
+        torch.testing.assert_close(w.sum(-1), torch.ones(M, T))
+
+
+@needs_native
+@pytest.mark.parametrize("absent", [[(0, 1), (1, 0), (1, 3)], [(0, 0), (0, 1), (0, 2), (0, 3)]],
+                         ids=["some", "all-at-one"])
+def test_native_gate_skips_absent_adapters_and_pads_missing_slots(absent):
+    """An adapter absent at a module is never chosen there; with fewer present than k the
+    missing slots get -1 and weight 0 (as the PyTorch gate gives them)."""
+    gate = _gate(2, 4, 24, 4, absent=absent)
+    x = torch.randn(6, 24, generator=torch.Generator().manual_seed(3))
+    idx, w = _native_gate(x, gate)
+    want_idx, want_w = gate.route(x)
+    assert torch.equal(idx, want_idx)
+    torch.testing.assert_close(w, want_w, atol=1e-6, rtol=1e-5)
+    for m, e in absent:
+        assert not (idx[m] == e).any()
+    assert (idx == -1).any() and (w[idx == -1] == 0).all()
+
+
+@needs_native
+def test_native_gate_breaks_ties_by_the_lower_index_and_rejects_a_bad_k():
+    weight = torch.tensor([[1.0, 0.0, 1.0, -1.0], [0.0, 1.0, 0.0, 0.0]])  # |x·w| ties: 0, 2, 3
+    idx, w = native.linear_gate_native(torch.tensor([[2.0, 1.0]]), weight, None, 1, True, 3, 1.0)
+    assert idx.tolist() == [[[0, 2, 3]]]
+    torch.testing.assert_close(w, torch.full((1, 1, 3), 1 / 3))
+    with pytest.raises(ValueError, match="top_k 65 outside"):
+        native.linear_gate_native(torch.zeros(1, 2), torch.zeros(2, 128), None, 1, True, 65, 1.0)

@@ -205,15 +205,16 @@ QKV = tuple(f"model.layers.0.self_attn.{p}_proj" for p in "qkv")
 
 
 class Counting(Arrow):
-    """Arrow that counts the module decisions it computes."""
+    """Arrow that counts the module decisions it computes: every computation, by its own
+    route_siblings or by the runtime's native kernel, asks for the gate of those modules."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.computed = 0
 
-    def route_siblings(self, x, sites):
-        self.computed += len(sites)
-        return super().route_siblings(x, sites)
+    def linear_gate(self, paths, device, dtype):
+        self.computed += len(paths)
+        return super().linear_gate(paths, device, dtype)
 
 
 @torch.no_grad()
@@ -358,29 +359,42 @@ def test_fused_sibling_gather_equals_the_reference(tiny_model, lib_even, monkeyp
 @torch.no_grad()
 @pytest.mark.skipif(not native.available(), reason="no C compiler for the native backend")
 def test_native_steps_equal_the_reference_and_each_row_alone(tiny_model, lib9, monkeypatch):
-    """The default CPU backend for decode-sized fp32 steps is the native kernel (counted): a batch
-    of two rows gives the reference backend's logits and each row's logits run alone, and a
-    KV-cache generation gives the reference's tokens."""
+    """The default CPU backend for fp32 inference steps is the native kernel, and Arrow's gate
+    is evaluated by its native form (both counted): a batch of two rows gives the reference
+    backend's logits and each row's logits run alone, a KV-cache generation gives the
+    reference's tokens, and so does a prefill-sized batch."""
     calls = []
     nat = BACKENDS["native"]
 
+    def counted_into(log, fn):
+        return lambda *a, **kw: log.append(1) or fn(*a, **kw)
+
     def counted(fn):
-        return lambda *a, **kw: calls.append(1) or fn(*a, **kw)
+        return counted_into(calls, fn)
 
     monkeypatch.setitem(BACKENDS, "native", dataclasses.replace(
         nat, impls={m: counted(f) for m, f in nat.impls.items()},
         accumulate={m: counted(f) for m, f in nat.accumulate.items()}))
+    gates = []
+    monkeypatch.setattr(native, "linear_gate_native", counted_into(gates, native.linear_gate_native))
     rm = RoutedModel(copy.deepcopy(tiny_model), lib9, router=Arrow(top_k=2))
     ref = RoutedModel(copy.deepcopy(tiny_model), lib9, router=Arrow(top_k=2), backend="reference")
     ids = torch.tensor([[3, 4, 11], [8, 9, 2]])
     got = rm(ids).logits
     assert calls, "the native backend was not used"
+    assert gates, "Arrow's gate was not evaluated by the native kernel"
     torch.testing.assert_close(got, ref(ids).logits, atol=1e-5, rtol=0)
     for row in range(2):
         torch.testing.assert_close(got[row], rm(ids[row:row + 1]).logits[0], atol=1e-5, rtol=0)
     gen = rm.generate(input_ids=ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
     want = ref.generate(input_ids=ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert gen.tolist() == want.tolist()
+    calls.clear()  # a prefill-sized step (T·k = 160 slots per module) runs natively too
+    long = torch.randint(1, 100, (2, 40), generator=torch.Generator().manual_seed(0))
+    got = rm(long).logits
+    assert calls, "the native backend was not used for a prefill-sized step"
+    torch.testing.assert_close(got, ref(long).logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1], rm(long[1:]).logits[0], atol=1e-5, rtol=0)
 
 
 @torch.no_grad()
