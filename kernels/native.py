@@ -1,7 +1,7 @@
 """The native CPU backend: ``native_mixture.c`` compiled at first use, called through ctypes.
 
 Two entry points: :func:`mixture_lora_native` (the mixture delta) and :func:`linear_gate_native`
-(a linear router's gate and top-k softmax, e.g. Arrow's, for decoding-sized steps).
+(a linear router's gate and top-k softmax, e.g. Arrow's).
 
 Why not a PyTorch extension: the kernel needs no PyTorch headers (raw float32 pointers and
 strides), so a plain ``cc -O3 -march=native -fopenmp-simd -shared`` builds it in about a

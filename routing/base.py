@@ -25,7 +25,7 @@ What the runtime must know about a router is declared on its class, never guesse
   (Arrow: one logits GEMM). The runtime then routes a module's later siblings with its first.
 - :meth:`Router.linear_gate`: a router whose decision at a module is a *linear gate* (logits
   ``x·G^T``, or their absolute values, then :func:`top_k_softmax`) returns that gate, so that the
-  runtime may evaluate it with another kernel (the native CPU one, for decoding steps); its
+  runtime may evaluate it with another kernel (the native CPU one, for float32 inference); its
   :meth:`Router.route_siblings` must equal :meth:`LinearGate.route` of that gate.
 - ``head_splits``: H > 1 asks the runtime for H *head views* of every source (MHR's head
   splitting, see routing/mhr.py); the router's indices then run over the H·S views, view

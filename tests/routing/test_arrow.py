@@ -116,3 +116,21 @@ def test_route_siblings_equals_route_per_module(tiny_model, lib6, top_k):
         assert d.indices.is_contiguous() and d.weights.is_contiguous()
     assert not (fused[1].indices == 5).any()  # a5 has no k_proj: never selected there
     assert router.route_siblings(x[:0], sites)[2].indices.shape == (0, min(top_k, 6))
+
+
+def test_the_linear_gate_is_arrows_decision_and_follows_top_k_changes(tiny_model, lib6):
+    """``linear_gate`` (what the runtime's native kernel evaluates) gives route_siblings' decisions,
+    and top_k / temperature set after the first call take effect (the stacked prototypes are
+    cached, the gate's settings are not)."""
+    router = Arrow(top_k=2)
+    RoutedModel(copy.deepcopy(tiny_model), lib6, router=router)
+    x = torch.randn(7, 32)
+    paths = tuple(f"model.layers.1.self_attn.{p}_proj" for p in "qkv")
+    sites = [RoutingSite(p, torch.zeros(7, dtype=torch.int64)) for p in paths]
+    idx, w = router.linear_gate(paths, x.device, x.dtype).route(x)
+    for m, d in enumerate(router.route_siblings(x, sites)):
+        assert torch.equal(idx[m], d.indices) and torch.equal(w[m], d.weights)
+    router.top_k, router.temperature = 3, 0.5
+    gate = router.linear_gate(paths, x.device, x.dtype)
+    assert (gate.top_k, gate.temperature) == (3, 0.5)
+    assert router.route_siblings(x, sites)[0].indices.shape == (7, 3)
