@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quiver.kernels import LoraBank, build_meta, mixture_lora, mixture_lora_grouped, mixture_lora_reference
+from quiver.kernels import LoraBank, build_meta, mixture_lora, mixture_lora_grouped, mixture_lora_reference, native
 from quiver.kernels.dispatch import BACKENDS
 from quiver.kernels.torch_ref import mixture_lora_gather
 
@@ -64,7 +64,8 @@ def test_gather_matches_reference(name, dtype, case_factory, check):
     check(mixture_lora_gather(case.x, case.bank, case.indices, case.weights), case)
 
 
-@pytest.mark.parametrize("backend", ["reference", "grouped", "gather"])
+@pytest.mark.parametrize("backend", ["reference", "grouped", "gather", pytest.param("native", marks=pytest.mark.skipif(
+    not native.available(), reason=f"native backend: {native.unavailable()}"))])
 def test_rank_padding_is_never_read(backend, case_factory):
     """NaN in the padding rows of A / columns of B must not reach the output."""
     case = case_factory(40, 37, 19, [1, 4, 9], 2)
