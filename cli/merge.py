@@ -114,8 +114,8 @@ def merge_cmd(ctx: typer.Context, library: LibraryOpt = None, as_json: JsonOpt =
 
     Keys: adapters=[...] (two or more, each once); weights=[...] (one per adapter, default 1 each);
     merge=METHOD (conf/merge/*.yaml: linear (the default), task_arithmetic, ties, dare_linear,
-    dare_ties, breadcrumbs, pcb, magnitude_prune) and merge.KEY=VALUE; output=lora: output.name (registered
-    name), output.rank, output.replace=true (replace an adapter of that name), output.path (also
+    dare_ties, breadcrumbs, pcb, magnitude_prune) and merge.KEY=VALUE; output=lora: output.name
+    (registered name), output.rank, output.replace=true (replace an adapter of that name), output.path (also
     export a PEFT directory), output.overwrite=true (replace a previous export there);
     output=checkpoint: output.path (required), output.max_shard_size, output.overwrite=true
     (replace a previous checkpoint there). An output path is never the current directory, the
