@@ -69,8 +69,8 @@ def columns(device: str) -> tuple[list[str], list[str]]:
     if device == "cuda":
         return (["base", "dense", "meta", "grouped", "triton", "graph:base", "graph:dense", "graph:triton"],
                 ["graph:dense", "graph:triton"])
-    small = ["gather"] + (["native"] if native.available() else [])
-    return ["base", "dense", "meta", "grouped", *small], ["dense", "grouped", *small]
+    cpu_paths = ["gather"] + (["native"] if native.available() else [])
+    return ["base", "dense", "meta", "grouped", *cpu_paths], ["dense", "grouped", *cpu_paths]
 
 
 def run(device: str, dtype: torch.dtype, min_time: float) -> list[dict]:

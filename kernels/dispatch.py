@@ -16,7 +16,8 @@ support it is refused with a message saying why. A backend may also offer, per m
 buffer); callers use it without gradients and fall back to ``out += impl(...)`` otherwise. Every
 backend with ``autograd=True`` gives the reference's gradients for x, the gate weights and the
 factors (tested); the native C backend (``kernels/native.py``, fp32 on the CPU, the default
-there for inference calls of every size) declares ``autograd=False`` and is never chosen when a gradient is needed.
+there for inference calls of every size) declares ``autograd=False`` and is never chosen when a
+gradient is needed.
 The Triton backend is imported on first use, so CPU-only installs never import triton.
 """
 

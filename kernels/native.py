@@ -180,8 +180,7 @@ def linear_gate_native(x: Tensor, weight: Tensor, present: Tensor | None, module
         raise ValueError(f"linear_gate_native: top_k {top_k} outside [1, {MAX_K}] or gate weight "
                          f"{tuple(weight.shape)} not [{x.shape[1]}, {modules} modules × E]")
     sim = x @ weight  # [T, M·E]
-    pres = None if present is None else present if present.dtype == torch.bool else present.bool()
-    pres = None if pres is None else pres.contiguous()  # bool: one byte per element, as the C side reads it
+    pres = None if present is None else present.bool().contiguous()  # one byte per element, as the C side reads it
     idx = torch.empty(modules, T, k, dtype=torch.int64)
     w = torch.empty(modules, T, k, dtype=torch.float32)
     if T:
