@@ -32,7 +32,8 @@ class Settings:
     batch_size: int = 32
     max_new_tokens: int = 16
     arrow: tuple = tuple(ARROW)
-    methods: tuple = ("base", "oracle", "arrow", "uniform", "ties", "pcb", "retrieval", "moe", "mhr-z")
+    vote: tuple = (1, 2)  # ArrowVote's top-k
+    methods: tuple = ("base", "oracle", "arrow", "arrow-vote", "uniform", "ties", "pcb", "retrieval", "moe", "mhr-z")
 
 
 QUICK = Settings()
@@ -106,6 +107,8 @@ def plan_runs(settings: Settings) -> list[dict]:
             raise ValueError(f"unknown method {method!r}; valid: {', '.join(RUNNERS)}")
         if method == "arrow":
             runs += [{"name": arrow_name(k, mode), "method": "arrow", "k": k, "mode": mode} for k, mode in settings.arrow]
+        elif method == "arrow-vote":
+            runs += [{"name": f"arrow-vote-k{k}", "method": method, "k": k} for k in settings.vote]
         else:
             runs.append({"name": method, "method": method})
     return runs
@@ -151,6 +154,13 @@ def _run_arrow(r: _Run, spec: dict):
     return r.items, _answer_all(r.rm, r.tok, r.items, r.settings, lambda it: router), router
 
 
+def _run_vote(r: _Run, spec: dict):
+    from quiver.routing import ArrowVote
+
+    router = ArrowVote(top_k=spec["k"], adapters=list(r.held_in))
+    return r.items, _answer_all(r.rm, r.tok, r.items, r.settings, lambda it: router), router
+
+
 def _run_merge(r: _Run, spec: dict):
     from quiver.routing import Single
 
@@ -187,7 +197,7 @@ def _run_mhr(r: _Run, spec: dict):
     return r.items, _answer_all(r.rm, r.tok, r.items, r.settings, lambda it: mhr, prepare_tasks=True), None
 
 
-RUNNERS: dict[str, Callable] = {"base": _run_base, "oracle": _run_oracle, "arrow": _run_arrow,
+RUNNERS: dict[str, Callable] = {"base": _run_base, "oracle": _run_oracle, "arrow": _run_arrow, "arrow-vote": _run_vote,
                                 **{m: _run_merge for m in MERGES}, "retrieval": _run_retrieval,
                                 "moe": _run_moe, "mhr-z": _run_mhr}
 

@@ -1,6 +1,6 @@
 """Routing diagnostics without generation: does a router send a task's prompts to its adapter?
 
-    python -m quiver.bench.routability [--adapters DIR] [--tasks T ...] [--n N] [--top-k K]
+    python -m quiver.bench.routability [--adapters DIR] [--tasks T ...] [--n N] [--top-k K] [--router arrow-vote]
     python -m quiver.bench.routability --study LABEL=DIR [LABEL=DIR ...] [--quality-n N] [--out DIR]
 
 Each held-in test prompt is read once (one prefill, no generation) through the routed model
@@ -33,12 +33,9 @@ import torch
 
 def template_prefix_len(tok, chat_template: bool = True) -> int:
     """Number of leading tokens the chat template puts before every user message."""
-    from quiver.runtime.answer import render_prompts
+    from quiver.runtime.answer import template_head_ids
 
-    marker = "\u2063MARK"
-    rendered = render_prompts(tok, [marker], chat_template)[0]
-    head = rendered.split(marker)[0]
-    return len(tok(head, add_special_tokens=not chat_template)["input_ids"])
+    return len(template_head_ids(tok, chat_template))
 
 
 @torch.no_grad()
@@ -46,24 +43,23 @@ def routing_diagnostics(rm, tok, items: Sequence[dict], router, *, batch_size: i
                         chat_template: bool = True) -> dict:
     """Diagnostics of ``router`` over ``items`` (``{"prompt", "task"}``; tasks without an adapter
     in the router's view are skipped). Returns the means and the per-task figures."""
-    from quiver.runtime.answer import encode_prompts
+    from quiver.runtime.answer import encode_prompts, prepare_routers, task_token_mask, template_head_ids
 
     rm.bind(router)
-    skip = template_prefix_len(tok, chat_template)
+    head = template_head_ids(tok, chat_template)
     device = next(rm.model.parameters()).device
     per_task: dict[str, dict[str, list[float]]] = {}
     n_adapters = None
     for start in range(0, len(items), batch_size):
         chunk = list(items[start: start + batch_size])
-        router.prepare(prompts=[it["prompt"] for it in chunk], tasks=None)
-        enc = encode_prompts(tok, [it["prompt"] for it in chunk], chat_template)
-        mask = enc["attention_mask"].bool()
+        prompts = [it["prompt"] for it in chunk]
+        enc = {k: v.to(device) for k, v in encode_prompts(tok, prompts, chat_template).items()}
+        prepare_routers(rm, tok, prompts, [router] * len(chunk), None, enc)  # + votes (ArrowVote)
+        mask = enc["attention_mask"].bool().cpu()
         T = mask.shape[1]
-        first = T - mask.sum(1)  # left padding: the first real token of each row
-        pos = torch.arange(T)
-        task_tok = mask & (pos[None, :] >= (first + skip)[:, None])
+        task_tok = task_token_mask(head, enc["input_ids"], enc["attention_mask"])
         with rm.tracing() as tr:
-            rm(**{k: v.to(device) for k, v in enc.items()}, routers=[router] * len(chunk))
+            rm(**enc, routers=[router] * len(chunk))
         keys = None
         own = torch.zeros(len(chunk), 2)  # [task tokens, all tokens] own weight
         tot = torch.zeros(len(chunk), 2)
@@ -189,7 +185,7 @@ def main(argv=None) -> None:
     from quiver.bench.quality import open_task_library
     from quiver.library import BaseModelSpec, Library, load_base_model
     from quiver.library.base_model import default_cache_dir
-    from quiver.routing import Arrow
+    from quiver.routing import Arrow, ArrowVote
     from quiver.runtime import RoutedModel
     from quiver.tasks import HELD_IN, get_task
     from quiver.training.tasklib import SHIPPED, register_task_adapters
@@ -201,6 +197,8 @@ def main(argv=None) -> None:
                     "(a cheap screen of a setting trained for a few tasks; default: all held-in)")
     ap.add_argument("--n", type=int, default=8, help="test prompts per held-in task")
     ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--router", choices=("arrow", "arrow-vote"), default="arrow",
+                    help="per-token Arrow, or ArrowVote (one mixture per prompt from Arrow's mass over it)")
     ap.add_argument("--json", type=Path, help="also write the report here")
     ap.add_argument("--study", nargs="+", metavar="LABEL=DIR",
                     help="routability against the training budget over these adapter dirs (see study())")
@@ -233,10 +231,11 @@ def main(argv=None) -> None:
     else:
         lib = open_task_library(lib_dir, spec, args.adapters)
     items = [e.to_dict() for t in tasks for e in get_task(t).examples("test", args.n)]
-    rm = RoutedModel(model, lib, router=Arrow(top_k=args.top_k, adapters=tasks), adapters=tasks)
+    router = (Arrow if args.router == "arrow" else ArrowVote)(top_k=args.top_k, adapters=tasks)
+    rm = RoutedModel(model, lib, router=router, adapters=tasks)
     rep = routing_diagnostics(rm, tok, items, rm.router)
     rm.unwrap()
-    print(f"Arrow top-{args.top_k} over {len(tasks)} adapters, {rep['n_prompts']} prompts: own share "
+    print(f"{type(router).__name__} top-{args.top_k} over {len(tasks)} adapters, {rep['n_prompts']} prompts: own share "
           f"{rep['own_share']:.3f} (all tokens {rep['own_share_all']:.3f}; random {rep['random']:.3f}), "
           f"own adapter on top {rep['top1_hit']:.1%}")
     for t, d in rep["per_task"].items():

@@ -78,8 +78,8 @@ def generate(
     """Answer prompts with the base model + library, every token routed (router=arrow by default).
 
     Router overrides: router=arrow router.top_k=2 | router=single router.adapter=sql |
-    router=uniform | router=fixed '+router.weights={a: 0.5, b: 0.5}' | router=retrieval |
-    router=saved router.name=my-moe (a router trained with `quiver train`).
+    router=arrow-vote router.top_k=1 | router=uniform | router=fixed '+router.weights={a: 0.5, b: 0.5}' |
+    router=retrieval | router=saved router.name=my-moe (a router trained with `quiver train`).
     """
     import torch
 

@@ -7,10 +7,12 @@ from .moe import MoEGate
 from .persist import load_router, save_router
 from .retrieval import Retrieval
 from .simple import Fixed, Single, Uniform
+from .vote import ArrowVote
 
 # The registry used by configs and the CLI (`router=arrow`): name -> class.
 ROUTERS: dict[str, type[Router]] = {"arrow": Arrow, "uniform": Uniform, "fixed": Fixed, "single": Single,
-                                    "moe": MoEGate, "retrieval": Retrieval, "mhr": MHR, "poly": Poly}
+                                    "moe": MoEGate, "retrieval": Retrieval, "mhr": MHR, "poly": Poly,
+                                    "arrow-vote": ArrowVote}
 
 
 def make_router(name: str, **kwargs) -> Router:
@@ -22,6 +24,6 @@ def make_router(name: str, **kwargs) -> Router:
     return cls(**kwargs)
 
 
-__all__ = ["ROUTERS", "AdapterSource", "Arrow", "Fixed", "LearnedRouter", "LinearGate", "MHR", "MoEGate", "Poly",
-           "Retrieval", "Router", "RoutingDecision", "RoutingSite", "Single", "Uniform", "load_router", "make_router",
-           "save_router"]
+__all__ = ["ROUTERS", "AdapterSource", "Arrow", "ArrowVote", "Fixed", "LearnedRouter", "LinearGate", "MHR",
+           "MoEGate", "Poly", "Retrieval", "Router", "RoutingDecision", "RoutingSite", "Single", "Uniform",
+           "load_router", "make_router", "save_router"]

@@ -27,6 +27,10 @@ What the runtime must know about a router is declared on its class, never guesse
   ``x·G^T``, or their absolute values, then :func:`top_k_softmax`) returns that gate, so that the
   runtime may evaluate it with another kernel (the native CPU one, for float32 inference); its
   :meth:`Router.route_siblings` must equal :meth:`LinearGate.route` of that gate.
+- ``prompt_pass``: True when the router decides from a **scoring pass** over the prompt (ArrowVote):
+  before the request's real forward, the runtime runs its prompt once with :attr:`scorer` (a
+  per-token router) and hands the routing mass per adapter to ``set_votes(votes [R, E])``
+  (quiver.runtime.answer.cast_votes).
 - ``head_splits``: H > 1 asks the runtime for H *head views* of every source (MHR's head
   splitting, see routing/mhr.py); the router's indices then run over the H·S views, view
   (h, s) at index h·S + s.
@@ -152,6 +156,7 @@ class Router:
     per_token: bool = True  # see the module docstring
     mode: str = "merge-after"  # or "merge-before"
     fuses_siblings: bool = False  # route_siblings is cheaper than one route per module
+    prompt_pass: bool = False  # decides from a scoring pass over the prompt (see the module docstring)
     head_splits: int = 1  # H > 1: route over H head views of each source (MHR)
     top_k: int | None = None  # routers that pick k of their adapters (per token or per request)
 
@@ -204,6 +209,17 @@ class Router:
             raise ValueError(f"{type(self).__name__}: request {int(request_ids.max())} has no {what} "
                              f"(prepare got {table.shape[0]}); give one {what} per request")
         return table[request_ids.to(table.device)]
+
+    def table_decision(self, rows: tuple[Tensor, Tensor], cache: dict, x: Tensor, site: RoutingSite,
+                       what: str) -> RoutingDecision:
+        """Per-request ``rows = (indices int64 [R, k], weights [R, k])`` as the decision for the
+        tokens of ``x``; ``cache`` keeps their copy per (device, dtype), made on first use."""
+        key = (x.device, x.dtype)
+        if key not in cache:
+            cache[key] = (rows[0].to(x.device), rows[1].to(x.device, x.dtype))
+        idx, w = cache[key]
+        return RoutingDecision(self.request_table(idx, site.request_ids, what),
+                               self.request_table(w, site.request_ids, what))
 
     def aux_loss(self) -> Tensor | None:
         """An auxiliary training loss collected since the last call (and reset), or None."""

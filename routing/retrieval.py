@@ -69,12 +69,7 @@ class Retrieval(Router):
     def route(self, x: Tensor, site: RoutingSite) -> RoutingDecision:  # x: [T, d_in]
         if self._rows is None:
             raise RuntimeError("Retrieval: call router.prepare(prompts=[...]) before forward/generate")
-        key = (x.device, x.dtype)
-        if key not in self._on_device:
-            self._on_device[key] = (self._rows[0].to(x.device), self._rows[1].to(x.device, x.dtype))
-        idx, w = self._on_device[key]  # [R, k]
-        return RoutingDecision(self.request_table(idx, site.request_ids, "prompt"),
-                               self.request_table(w, site.request_ids, "prompt"))
+        return self.table_decision(self._rows, self._on_device, x, site, "prompt")
 
     def config(self) -> dict:
         return {"top_k": self.top_k, "temperature": self.temperature}

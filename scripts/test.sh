@@ -6,6 +6,9 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$root/scripts/bootstrap.sh"
 cd "$root"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# `python -m` would put this directory first on sys.path, where the package's own `kernels/`
+# folder shadows the `kernels` package that transformers (>= 5.25) imports: keep it off.
+export PYTHONSAFEPATH=1
 # pytest's own exit status is the result: 0 all passed, 1 failures, 5 nothing collected
 # (also a failure here: the suite is never empty).
 exec "${QUIVER_VENV:-$root/.venv}/bin/python" -m pytest "$@"

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 
 from quiver.library import QuiverError
 from quiver.runtime import RoutedModel
+from quiver.runtime.answer import cast_votes, task_token_mask, template_head_ids
 
 from .errors import ApiError, bad_request
 from .metrics import Metrics
@@ -101,6 +102,7 @@ class Engine:
         self._refresh(force=True)
         self._last_refresh = time.monotonic()
         self._pending_rebuild = False
+        self._head: list[int] | None = None  # the chat template's leading tokens (ArrowVote)
         self.rebuilds = 0
         # queue and batch
         self._cv = threading.Condition()
@@ -278,7 +280,7 @@ class Engine:
     def _prefill(self, req: Request) -> bool:
         """Route and prefill one request alone; emit its first token. False if it is done."""
         try:
-            served = self.routers.resolve(req.spec, req.route_text, self.rm.bind)
+            served = self.routers.resolve(req.spec, req.route_text, self.rm.bind, lambda r: self._vote(r, req))
             if isinstance(served, dict):
                 gone = sorted(set(served) - set(self.universe))
                 if gone:
@@ -305,6 +307,16 @@ class Engine:
             req.generator = torch.Generator(device="cpu").manual_seed(req.sampling.seed)
         self.metrics.prompt_tokens.inc(n)
         return self._accept(req, out.logits[0, -1])
+
+    def _vote(self, router, req: Request) -> dict[str, float]:
+        """ArrowVote's scoring pass over ``req``'s prompt alone -> the mixture that serves it."""
+        if self._head is None:
+            self._head = template_head_ids(self.tok)
+        ids = torch.tensor([req.prompt_ids], device=self.device)
+        att = torch.ones_like(ids)
+        router.prepare()
+        cast_votes(self.rm, router, ids, att, task_token_mask(self._head, ids, att))
+        return router.mixture(0)
 
     def _forward(self, ids, mask, pos, cache, reqs: list[Request], n_tokens: int):
         self.metrics.step_tokens.observe(ids.numel())

@@ -18,6 +18,11 @@ share one router, :class:`RowWeights`, which holds one row of weights per batch 
 many different adapters the batch uses, they form one routing group of the step (the same
 decision ``Single``/``Fixed`` would give each row; no router object per request).
 
+ArrowVote (``{"router": "arrow-vote", "top_k": 1}``, or a default router that is one) is
+resolved the same way: when the request is admitted, the engine runs its scoring pass over the
+prompt's tokens (one prefill with per-token Arrow, routing/vote.py) and the request is then
+served by fixed weights over the voted adapters (``ArrowVote.mixture``).
+
 Retrieval is resolved once per request, when it is admitted: the prompt (for chat, the last
 user message) is embedded and searched as ``Retrieval`` does, and the request is then served by
 fixed weights ``w_j = softmax_j(cos_j / T)`` over its top-k adapters, which is exactly
@@ -33,19 +38,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from quiver.routing import Arrow, Retrieval, Router, RoutingDecision, RoutingSite, Uniform, load_router
+from quiver.routing import Arrow, ArrowVote, Retrieval, Router, RoutingDecision, RoutingSite, Uniform, load_router
 
 from .errors import ApiError, bad_request
 from .schemas import Routing
 
-ROUTER_KINDS = ("arrow", "retrieval", "saved", "uniform")  # valid values of routing.router
+ROUTER_KINDS = ("arrow", "arrow-vote", "retrieval", "saved", "uniform")  # valid values of routing.router
 
 
 @dataclass(frozen=True)
 class RouteSpec:
     """What routes one request; hashable, so equal specs share one bound router."""
 
-    kind: str  # default | base | single | fixed | arrow | retrieval | saved | uniform
+    kind: str  # default | base | single | fixed | arrow | arrow-vote | retrieval | saved | uniform
     args: tuple = ()
 
     def adapters(self) -> list[str]:
@@ -110,6 +115,8 @@ def parse_routing(r: Routing, catalog: Catalog) -> RouteSpec:
         return RouteSpec("uniform")
     if r.router == "arrow":
         return RouteSpec("arrow", (r.top_k or 2, r.temperature or 1.0))
+    if r.router == "arrow-vote":
+        return RouteSpec("arrow-vote", (r.top_k or 1, r.temperature or 1.0))
     return RouteSpec("retrieval", (r.top_k or 2, r.temperature or 0.1))
 
 
@@ -192,8 +199,10 @@ class RouterCache:
             self._items.popitem(last=False)
         return router
 
-    def resolve(self, spec: RouteSpec, prompt_text: str, bind) -> Router | dict[str, float]:
-        """The router serving ``spec``, or its fixed weights; ``bind`` binds to the live model."""
+    def resolve(self, spec: RouteSpec, prompt_text: str, bind, vote=None) -> Router | dict[str, float]:
+        """The router serving ``spec``, or its fixed weights; ``bind`` binds to the live model;
+        ``vote(router)`` runs a ``prompt_pass`` router's scoring pass over this request's prompt
+        and returns the mixture it chose (``{name: w}``)."""
         k, a = spec.kind, spec.args
         if k == "single":
             return {a[0]: 1.0}
@@ -214,9 +223,18 @@ class RouterCache:
             "default": self.default_factory,
             "base": NoAdapter,
             "arrow": lambda: Arrow(top_k=a[0], temperature=a[1]),
+            "arrow-vote": lambda: ArrowVote(top_k=a[0], temperature=a[1]),
             "uniform": Uniform,
             "saved": lambda: load_router(self.library, a[0]),
         }
         router = self._get((k, a), makers[k])
         bind(router)
+        if getattr(router, "prompt_pass", False):
+            if vote is None:
+                raise bad_request(f"routing: router {k!r} needs the prompt's scoring pass", param="routing")
+            mixture = vote(router)
+            if not mixture:
+                raise bad_request("routing: the vote chose no adapter for this prompt", "unknown_adapter",
+                                  param="routing")
+            return mixture
         return router

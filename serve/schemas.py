@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 class Routing(BaseModel):
     """``{"router": "arrow", "top_k": 2, "temperature": 1.0}`` | ``{"router": "retrieval", "top_k": 2}``
+    | ``{"router": "arrow-vote", "top_k": 1}``
     | ``{"adapters": {"sql": 0.7, "dates": 0.3}}`` | ``{"router": "saved", "name": "my-moe"}``
     | ``{"router": "uniform"}``."""
 

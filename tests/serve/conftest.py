@@ -40,6 +40,7 @@ def reference(serve_library, serve_model_dir):
     from quiver.library import Library, load_base_model
     from quiver.routing import Arrow
     from quiver.runtime import RoutedModel
+    from quiver.runtime.answer import cast_votes, task_token_mask, template_head_ids
 
     model, tok = load_base_model(serve_model_dir)
     lib = Library.open(serve_library)
@@ -61,6 +62,9 @@ def reference(serve_library, serve_model_dir):
             if router is not None:
                 rm.bind(router)
                 router.prepare(prompts=[route_text or prompt])
+                if router.prompt_pass:  # ArrowVote: its scoring pass over the prompt's tokens
+                    cast_votes(rm, router, enc["input_ids"], enc["attention_mask"],
+                               task_token_mask(template_head_ids(tok), enc["input_ids"], enc["attention_mask"]))
             out = rm.generate(**enc, routers=[router], **kw)
         return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from quiver import Library
 from quiver.bench.quality import Settings, evaluate, table, targets
@@ -12,11 +11,13 @@ from quiver.tasks import get_task
 from quiver.training import TrainConfig, train_lora
 
 pytestmark = pytest.mark.real_model
-# The shipped adapters (--init b-random) measured 0.206 / 1.00 on these 24 prompts (random:
-# 1/12 = 0.083 / 0.083; the previous PEFT-initialised ones 0.183 / 0.79). Top-1 is held to the
-# issue's target (0.9); the share's target (0.5) is not met by any setting measured:
-# docs/routability.md.
+# The shipped adapters (--init b-random) measured 0.206 / 1.00 on these 24 prompts with per-token
+# Arrow top-2 (random: 1/12 = 0.083 / 0.083; the previous PEFT-initialised ones 0.183 / 0.79): the
+# share's target (0.5) is not met by per-token Arrow in any setting measured (docs/routability.md).
+# ArrowVote top-2 (one mixture per request from Arrow's mass over the prompt) is held to both
+# targets: own share >= 0.5, own adapter on top for >= 90% of prompts.
 OWN_SHARE_MIN, TOP1_MIN = 0.17, 0.9
+VOTE_SHARE_MIN = 0.5
 
 
 def test_trained_task_adapters_beat_the_base_model_when_routed(real_model, tmp_path):
@@ -43,15 +44,16 @@ def test_trained_task_adapters_beat_the_base_model_when_routed(real_model, tmp_p
     assert res["oracle"]["per_task"]["date_iso"] > res["base"]["per_task"]["date_iso"]
     share = report["diagnostics"]["arrow-k1"]["own_share"]
     assert 0 <= share <= 1
-    assert "| arrow-k1 |" in table(report) and "arrow_within_90pct_of_oracle" not in targets({"base": res["base"]})
+    assert "| arrow-k1 |" in table(report) and "arrow_within_85pct_of_oracle" not in targets({"base": res["base"]})
 
 
 def test_shipped_task_adapters_route_prompts_to_their_own_adapter(real_model, tmp_path):
     """The shipped library routes: Arrow top-2 gives a held-in prompt's own adapter more than twice
     the random share of the routing weight on its task tokens and puts it on top for at least 90%
-    of prompts (no generation: one prefill per batch)."""
+    of prompts; ArrowVote top-2 gives it at least half of the weight (no generation: one prefill
+    per batch, two with ArrowVote's scoring pass)."""
     from quiver.bench.routability import routing_diagnostics
-    from quiver.routing import Arrow
+    from quiver.routing import Arrow, ArrowVote
     from quiver.runtime import RoutedModel
     from quiver.tasks import HELD_IN
     from quiver.training.tasklib import register_task_adapters
@@ -64,8 +66,11 @@ def test_shipped_task_adapters_route_prompts_to_their_own_adapter(real_model, tm
         try:
             items = [e.to_dict() for t in HELD_IN for e in get_task(t).examples("test", 2)]
             rep = routing_diagnostics(rm, tok, items, rm.router, batch_size=24)
+            vote = routing_diagnostics(rm, tok, items, ArrowVote(top_k=2, adapters=list(HELD_IN)), batch_size=24)
         finally:
             rm.unwrap()
-    assert rep["n_prompts"] == 24
+    assert rep["n_prompts"] == vote["n_prompts"] == 24
     assert rep["own_share"] >= OWN_SHARE_MIN, rep["per_task"]
     assert rep["top1_hit"] >= TOP1_MIN, rep["per_task"]
+    assert vote["own_share"] >= VOTE_SHARE_MIN, vote["per_task"]
+    assert vote["top1_hit"] >= TOP1_MIN, vote["per_task"]
