@@ -1,7 +1,9 @@
 """The native CPU backend: ``native_mixture.c`` compiled at first use, called through ctypes.
 
-Two entry points: :func:`mixture_lora_native` (the mixture delta) and :func:`linear_gate_native`
-(a linear router's gate and top-k softmax, e.g. Arrow's).
+Four entry points: :func:`mixture_lora_native` (the mixture delta), :func:`linear_gate_native`
+(a linear router's gate and top-k softmax, e.g. Arrow's), :func:`gate_mixture_native` (both, for
+sibling modules that read one input, in one call) and :func:`mixture_siblings_native` (one
+decision mixed into sibling modules, in one call).
 
 Why not a PyTorch extension: the kernel needs no PyTorch headers (raw float32 pointers and
 strides), so a plain ``cc -O3 -march=native -fopenmp-simd -shared`` builds it in about a
@@ -27,6 +29,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -101,6 +104,7 @@ def _load():
             try:
                 so = ctypes.CDLL(str(_build(cc)))
                 fn, gate = so.quiver_mixture_f32, so.quiver_topk_softmax_f32
+                fused, siblings = so.quiver_gate_mixture_f32, so.quiver_mixture_siblings_f32
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 why = f"building {SOURCE.name} with {cc} failed: {e}"
     if why is not None:
@@ -112,7 +116,11 @@ def _load():
     fn.restype = i64
     gate.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, i64, ctypes.c_float, ptr, ptr]
     gate.restype = i64
-    _state["fn"], _state["gate"] = fn, gate
+    fused.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, ctypes.c_float, ptr, ptr, ptr, ptr, ptr]
+    fused.restype = i64
+    siblings.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr]
+    siblings.restype = i64
+    _state.update(fn=fn, gate=gate, fused=fused, siblings=siblings)
     return fn
 
 
@@ -187,3 +195,104 @@ def linear_gate_native(x: Tensor, weight: Tensor, present: Tensor | None, module
         _state["gate"](sim.data_ptr(), T, sim.stride(0), modules, E, None if pres is None else pres.data_ptr(),
                        int(absolute), k, float(temperature), idx.data_ptr(), w.data_ptr())
     return idx, w
+
+
+_DESC = 10  # QV_DESC in the C source: the int64 fields per module
+# bank -> its fields for the C side (empty when the kernel cannot take it). A LoraBank's tensors
+# never change (the runtime makes a new object when its storage changes), so they are computed
+# once per object; weak keys, so a dropped bank leaves nothing behind.
+_FIELDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def supports_bank(b: LoraBank) -> bool:
+    """Whether :func:`gate_mixture_native` takes this bank (float32 on the CPU, rows of A
+    contiguous, int32 ranks, ranks up to MAX_RANK)."""
+    return bool(_bank_fields(b))
+
+
+def _bank_fields(b: LoraBank) -> list[int]:
+    fields = _FIELDS.get(b)
+    if fields is None:
+        A, B, ranks = b.A, b.B, b.ranks
+        ok = (b.max_rank <= MAX_RANK and A.dtype == B.dtype == torch.float32 and A.device.type == "cpu"
+              and A.stride(-1) == 1 and ranks.is_contiguous() and ranks.dtype == torch.int32)
+        fields = _FIELDS[b] = [A.data_ptr(), A.stride(0), A.stride(1), B.data_ptr(), B.stride(0), B.stride(1),
+                               B.stride(2), ranks.data_ptr(), b.num_adapters, b.d_out] if ok else []
+    return fields
+
+
+def gate_mixture_native(x: Tensor, weight: Tensor, present: Tensor | None, absolute: bool, top_k: int,
+                        temperature: float, slots: Tensor | None, banks: list[LoraBank], outs: list[Tensor]) -> None:
+    """``outs[m] += delta_m`` for M modules reading ``x: [T, d_in]``, each routed by a linear gate
+    (``weight: [d_in, M·E]``, ``present``, ``absolute``, ``top_k``, ``temperature`` as in
+    :func:`linear_gate_native`) and mixed as :func:`mixture_lora_native` mixes, from ``banks[m]``;
+    ``slots: int64 [E]`` maps the gate's positions to bank slots (None: the same). Float32 on the
+    CPU, one C call after the logits GEMM. ``outs[m]``: ``[T, d_out_m]`` with contiguous rows.
+    Equal, module by module, to :func:`linear_gate_native` then :func:`mixture_lora_native`."""
+    if _load() is None:
+        raise RuntimeError(f"the native backend is unavailable: {_state['why']}")
+    M = len(banks)
+    T, N = x.shape[0], weight.shape[1]
+    E = N // M
+    k = min(top_k, E)
+    if not 1 <= k <= MAX_K or N != M * E or weight.shape[0] != x.shape[1] or len(outs) != M:
+        raise ValueError(f"gate_mixture_native: top_k {top_k} outside [1, {MAX_K}], or gate weight "
+                         f"{tuple(weight.shape)} not [{x.shape[1]}, {M} modules × E], or {len(outs)} outputs")
+    desc = _describe(x, banks, outs, "gate_mixture_native")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    sim = x @ weight  # [T, M·E]
+    pres = None if present is None else present.bool().contiguous()
+    sl = None if slots is None else slots.to(torch.int64).contiguous()
+    idx = torch.empty(M, T, k, dtype=torch.int64)
+    w = torch.empty(M, T, k, dtype=torch.float32)
+    if not T:
+        return
+    rc = _state["fused"](x.data_ptr(), T, x.shape[1], x.stride(0), sim.data_ptr(), sim.stride(0), M, E,
+                         None if pres is None else pres.data_ptr(), int(absolute), k, float(temperature),
+                         None if sl is None else sl.data_ptr(), idx.data_ptr(), w.data_ptr(),
+                         desc, (ctypes.c_void_p * M)(*[o.data_ptr() for o in outs]))
+    _check(rc, T * k, lambda m, p: int(idx.view(M, -1)[m, p]), banks)
+
+
+def mixture_siblings_native(x: Tensor, indices: Tensor, weights: Tensor, banks: list[LoraBank],
+                            outs: list[Tensor]) -> None:
+    """``outs[m] += delta_m`` for M modules reading ``x: [T, d_in]`` under one decision
+    (``indices``: bank slots, ``weights``: ``[T, k]``), in one C call: equal, module by module,
+    to :func:`mixture_lora_native` into ``outs[m]``."""
+    if _load() is None:
+        raise RuntimeError(f"the native backend is unavailable: {_state['why']}")
+    M, (T, k) = len(banks), indices.shape
+    if len(outs) != M:
+        raise ValueError(f"mixture_siblings_native: {M} banks, {len(outs)} outputs")
+    desc = _describe(x, banks, outs, "mixture_siblings_native")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    idx = indices if indices.dtype == torch.int64 and indices.is_contiguous() else indices.to(torch.int64).contiguous()
+    w = weights if weights.dtype == torch.float32 and weights.is_contiguous() else weights.float().contiguous()
+    if not T:
+        return
+    rc = _state["siblings"](x.data_ptr(), T, x.shape[1], x.stride(0), idx.data_ptr(), w.data_ptr(), k, M, desc,
+                            (ctypes.c_void_p * M)(*[o.data_ptr() for o in outs]))
+    _check(rc, T * k, lambda m, p: int(idx.view(-1)[p]), banks)
+
+
+def _describe(x: Tensor, banks: list[LoraBank], outs: list[Tensor], what: str):
+    """The C side's ``desc`` for ``banks`` (QV_DESC int64 per module), checking each output."""
+    T, desc = x.shape[0], []
+    for b, o in zip(banks, outs):
+        fields = _bank_fields(b)
+        if (not fields or b.d_in != x.shape[1] or o.shape != (T, b.d_out) or o.stride(-1) != 1
+                or (T > 1 and o.stride(0) != b.d_out)):
+            raise ValueError(f"{what}: a bank (rank {b.max_rank}, d_in {b.d_in}, {b.dtype}) or an output "
+                             f"{tuple(o.shape)} this kernel cannot take")
+        desc += fields
+    return (ctypes.c_int64 * len(desc))(*desc)
+
+
+def _check(rc: int, P: int, slot_at, banks: list[LoraBank]) -> None:
+    """Raise for a C return code: -1 (allocation) or 1 + m·P + p (a bad slot p of module m)."""
+    if rc == -1:
+        raise MemoryError(f"the native mixture could not allocate its sort buffers ({P} slots)")
+    if rc:
+        m, p = divmod(rc - 1, P)
+        raise ValueError(f"module {m} of the call: bank slot {slot_at(m, p)} outside "
+                         f"[-1, {banks[m].num_adapters}) or of too high a rank")

@@ -167,3 +167,86 @@ int64_t quiver_topk_softmax_f32(
     }
     return 0;
 }
+
+/* A linear gate and the mixture it decides, for M sibling modules that read one input x (q/k/v,
+ * gate/up; M = 1 for a module alone), in one call: the gate's sparse softmax as
+ * quiver_topk_softmax_f32 computes it, the router's positions mapped to bank slots
+ * (slot = slots[e]; slots == NULL: the identity), then quiver_mixture_f32 into each module's
+ * output outs[m] (rows of d_out contiguous floats, row stride d_out). What it saves is calls:
+ * at decoding sizes the arithmetic of a module is a few microseconds and each call from Python
+ * costs more, so one call per group replaces a gate call and M mixture calls.
+ *
+ * desc: [M, QV_DESC] int64 per module: A, sAe, sAr, B, sBe, sBn, sBr, ranks (addresses as
+ * integers; strides in elements, as quiver_mixture_f32 takes them), E_bank (the bank's slots),
+ * d_out. idx / w: [M, T, k] scratch, left holding the decisions (bank slots).
+ *
+ * Returns 0; -2 when k is outside [1, QV_MAX_K]; -1 when a sort buffer cannot be allocated;
+ * 1 + m*T*k + p for the first slot p of module m whose bank slot is outside [-1, E_bank) or
+ * whose adapter's rank exceeds QV_MAX_RANK. In the -2 and index cases nothing has been written
+ * to any output (every module is checked before the first is computed).
+ */
+#define QV_DESC 10
+
+int64_t quiver_gate_mixture_f32(
+    const float *x, int64_t T, int64_t d_in, int64_t sxt,
+    const float *sim, int64_t ssim, int64_t M, int64_t E, const uint8_t *present,
+    int64_t absolute, int64_t k, float temperature, const int64_t *slots,
+    int64_t *idx, float *w, const int64_t *desc, float *const *outs)
+{
+    if (quiver_topk_softmax_f32(sim, T, ssim, M, E, present, absolute, k, temperature, idx, w))
+        return -2;
+    const int64_t P = T * k;
+    for (int64_t m = 0; m < M; ++m) {
+        const int64_t *d = desc + m * QV_DESC;
+        const int32_t *ranks = (const int32_t *)(intptr_t)d[7];
+        for (int64_t p = 0; p < P; ++p) {
+            int64_t *ip = idx + m * P + p;
+            if (*ip >= 0 && slots)
+                *ip = slots[*ip];
+            if (*ip < -1 || *ip >= d[8] || (*ip >= 0 && ranks[*ip] > QV_MAX_RANK))
+                return 1 + m * P + p;
+        }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+        const int64_t *d = desc + m * QV_DESC;
+        const int64_t rc = quiver_mixture_f32(
+            x, T, d_in, sxt, idx + m * P, w + m * P, k,
+            (const float *)(intptr_t)d[0], d[1], d[2],
+            (const float *)(intptr_t)d[3], d[4], d[5], d[6],
+            (const int32_t *)(intptr_t)d[7], d[8], outs[m], d[9], d[9]);
+        if (rc)
+            return rc < 0 ? rc : 1 + m * P + rc - 1;
+    }
+    return 0;
+}
+
+/* One decision (idx / w: [T, k], bank slots) mixed into M sibling modules' outputs in one call:
+ * quiver_mixture_f32 per module, for routers whose decision is the same at every module (fixed
+ * weights, retrieval, ArrowVote). desc and outs as for quiver_gate_mixture_f32. Returns 0; -1
+ * when a sort buffer cannot be allocated; 1 + m*T*k + p for the first bad slot p of module m
+ * (every module is checked before the first is computed: then nothing has been written).
+ */
+int64_t quiver_mixture_siblings_f32(
+    const float *x, int64_t T, int64_t d_in, int64_t sxt,
+    const int64_t *idx, const float *w, int64_t k, int64_t M, const int64_t *desc, float *const *outs)
+{
+    const int64_t P = T * k;
+    for (int64_t m = 0; m < M; ++m) {
+        const int64_t *d = desc + m * QV_DESC;
+        const int32_t *ranks = (const int32_t *)(intptr_t)d[7];
+        for (int64_t p = 0; p < P; ++p)
+            if (idx[p] < -1 || idx[p] >= d[8] || (idx[p] >= 0 && ranks[idx[p]] > QV_MAX_RANK))
+                return 1 + m * P + p;
+    }
+    for (int64_t m = 0; m < M; ++m) {
+        const int64_t *d = desc + m * QV_DESC;
+        const int64_t rc = quiver_mixture_f32(
+            x, T, d_in, sxt, idx, w, k,
+            (const float *)(intptr_t)d[0], d[1], d[2],
+            (const float *)(intptr_t)d[3], d[4], d[5], d[6],
+            (const int32_t *)(intptr_t)d[7], d[8], outs[m], d[9], d[9]);
+        if (rc)
+            return rc < 0 ? rc : 1 + m * P + rc - 1;
+    }
+    return 0;
+}

@@ -154,20 +154,31 @@ class StepPlan:
         return self.runs
 
     def _sibling_mixture(self, flat: Tensor, path: str, src: tuple[Tensor, int], out: Tensor) -> bool:
-        """``out += delta`` for ``path`` by the fused sibling gather, when it applies: a kept
-        delta computed from this very input, or routing and mixing this module and its later
-        siblings now. False when it does not apply (decisions routed here are then kept for the
-        per-module path). The caller checks that the source's dropout is the identity."""
+        """``out += delta`` for ``path`` in one call with its later siblings, when it applies: a
+        kept delta computed from this very input, or routing and mixing this module and its
+        later siblings now — natively (a linear gate and its mixture, or one step-wide decision
+        mixed into every sibling; a module without siblings is a group of one), else by the
+        fused gather at decoding sizes. False when it does not apply (decisions routed here are
+        then kept for the per-module path). The caller checks that the source's dropout is the
+        identity."""
         kept = self._kept_delta.pop(path, None)
         if kept is not None and kept[0] is src[0] and kept[1] == src[1]:
             out.add_(kept[2])
             return True
         g, run = self._single, self.siblings.get(path)
-        if (g is None or run is None or self.trace is not None or not g.router.fuses_siblings or not g.router.per_token
-                or g.mode != "merge-after" or g.slots is None or flat.shape[0] > SMALL_SLOTS
-                or self.source.num_slots == 0):
+        if g is None or self.trace is not None or g.mode != "merge-after" or self.source.num_slots == 0:
             return False
-        later = run[run.index(path):]
+        if not g.router.per_token:  # one decision for every module: mix the siblings in one call
+            return run is not None and self._native_siblings(flat, run[run.index(path):], g, src, out)
+        if g.slots is None:
+            return False
+        if not g.router.fuses_siblings:
+            run = None
+        later = run[run.index(path):] if run is not None else (path,)
+        if self._native_gate_mixture(flat, later, g, src, out):
+            return True
+        if run is None or flat.shape[0] > SMALL_SLOTS:
+            return False
         banks = [self.source.bank_of(p) for p in later]
         b0 = banks[0]
         if any(b.max_rank != b0.max_rank or b.d_in != flat.shape[1] or b.dtype != flat.dtype
@@ -190,8 +201,67 @@ class StepPlan:
             idx = torch.where(idx >= 0, g.slots[idx.clamp_min(0)], -1)
         outs = [out] + [flat.new_zeros(flat.shape[0], b.d_out) for b in banks[1:]]
         mixture_lora_gather_siblings(flat, banks, idx, w if w.dtype == flat.dtype else w.to(flat.dtype), outs)
+        self._keep_deltas(later, src, outs)
+        return True
+
+    def _native_gate_mixture(self, flat: Tensor, later: tuple[str, ...], g: Group, src: tuple[Tensor, int],
+                             out: Tensor) -> bool:
+        """Route ``later`` (this module and its later siblings) by the router's linear gate and
+        mix them, in one native call (kernels/native.py ``gate_mixture_native``): ``out +=`` this
+        module's delta, the later siblings' deltas kept. Float32 CPU inference steps whose
+        backend resolves to ``native``; the same decisions and arithmetic as the gate call and
+        the per-module native calls it replaces (tested against the reference). False when it
+        does not apply."""
+        if not self._native_ok(flat, out):
+            return False
+        gate = g.router.linear_gate(later, flat.device, flat.dtype)
+        if gate is None or gate.top_k > native.MAX_K:
+            return False
+        banks = [self.source.bank_of(p) for p in later]
+        grad = torch.is_grad_enabled() and (flat.requires_grad or gate.weight.requires_grad
+                                            or any(b.A.requires_grad or b.B.requires_grad for b in banks))
+        if not self._native_backend("gate-mixture", flat, banks, gate.weight, flat.shape[0] * gate.top_k, grad):
+            return False
+        outs = [out] + [flat.new_zeros(flat.shape[0], b.d_out) for b in banks[1:]]
+        native.gate_mixture_native(flat, gate.weight, gate.present, gate.absolute, gate.top_k, gate.temperature,
+                                   None if g.identity else g.slots, banks, outs)
+        self._keep_deltas(later, src, outs)
+        return True
+
+    def _native_ok(self, flat: Tensor, out: Tensor) -> bool:
+        """A float32 CPU step the native kernel can serve, adding into ``out`` (rows contiguous)."""
+        return (self.backend in ("auto", "native") and flat.device.type == "cpu" and flat.dtype == torch.float32
+                and out.dtype == torch.float32 and out.stride(-1) == 1
+                and (flat.shape[0] <= 1 or out.stride(0) == out.shape[1]) and native.available())
+
+    def _native_backend(self, kind: str, flat: Tensor, banks, weights: Tensor, slots: int, grad: bool) -> bool:
+        """Whether ``auto`` (or the named backend) runs this call natively; cached per step."""
+        key = (kind, flat.shape[0], grad)
+        name = self._impl.get(key)
+        if name is None:
+            name = self._impl[key] = resolve_backend(flat, banks[0], weights, slots, self.backend)
+        return name == "native" and not grad and all(native.supports_bank(b) for b in banks)
+
+    def _keep_deltas(self, later: tuple[str, ...], src: tuple[Tensor, int], outs: list[Tensor]) -> None:
         for p, d in zip(later[1:], outs[1:]):
             self._kept_delta[p] = (src[0], src[1], d)
+
+    def _native_siblings(self, flat: Tensor, later: tuple[str, ...], g: Group, src: tuple[Tensor, int],
+                         out: Tensor) -> bool:
+        """A router with one decision per step (not per token): this module and its later
+        siblings mixed in one native call (``mixture_siblings_native``), the later deltas kept.
+        The same decision and arithmetic as the per-module native calls. False when it does not
+        apply."""
+        if not self._native_ok(flat, out):
+            return False
+        decision, _ = self._decide(g, flat, later[0], src)  # bank slots; kept for the step
+        banks = [self.source.bank_of(p) for p in later]
+        grad = needs_grad(flat, banks[0], decision.weights)
+        if not self._native_backend("siblings-native", flat, banks, decision.weights, decision.indices.numel(), grad):
+            return False
+        outs = [out] + [flat.new_zeros(flat.shape[0], b.d_out) for b in banks[1:]]
+        native.mixture_siblings_native(flat, decision.indices, decision.weights, banks, outs)
+        self._keep_deltas(later, src, outs)
         return True
 
     def _route(self, g: Group, x: Tensor, path: str, src: tuple[Tensor, int] | None) -> RoutingDecision:

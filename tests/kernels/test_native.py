@@ -154,3 +154,64 @@ def test_native_gate_breaks_ties_by_the_lower_index_and_rejects_a_bad_k():
     torch.testing.assert_close(w, torch.full((1, 1, 3), 1 / 3))
     with pytest.raises(ValueError, match="top_k 65 outside"):
         native.linear_gate_native(torch.zeros(1, 2), torch.zeros(2, 128), None, 1, True, 65, 1.0)
+
+
+def _sibling_banks(d_in, d_outs, ranks, seed):
+    from quiver.kernels import LoraBank
+
+    g = torch.Generator().manual_seed(seed)
+    banks = []
+    for d_out in d_outs:
+        factors = [(torch.randn(r, d_in, generator=g) / d_in**0.5, torch.randn(d_out, r, generator=g) / r**0.5)
+                   for r in ranks]
+        banks.append(_transposed_b(LoraBank.from_factors(factors, [1.0] * len(ranks))))
+    return banks
+
+
+@needs_native
+@pytest.mark.parametrize("T", [0, 1, 3, 40])
+@pytest.mark.parametrize("E,k,slots", [(4, 2, None), (6, 3, [5, 0, 3, 1, 4, 2]), (3, 8, None), (5, 1, [1, 2, 3, 4, 0])],
+                         ids=["identity", "permuted", "k-above-E", "top1"])
+@pytest.mark.parametrize("absent", [(), ((0, 1), (2, 0))], ids=["all-present", "some-absent"])
+def test_fused_gate_mixture_equals_the_gate_then_the_mixture(T, E, k, slots, absent):
+    """One call for M = 3 siblings (different d_out, ragged ranks, a router-to-bank slot map, some
+    adapters absent at a module) adds into each output what the native gate followed by the
+    per-module native mixture adds, bitwise, and agrees with the reference mixture."""
+    from quiver.kernels.torch_ref import mixture_lora_reference
+
+    d_in, d_outs = 24, (24, 8, 8)
+    ranks = [2, 4, 3, 4, 1, 2][:E] if slots is None else [2, 4, 3, 4, 1, 2][: len(slots)]
+    banks = _sibling_banks(d_in, d_outs, ranks, seed=E)
+    gate = _gate(3, E, d_in, k, absent=absent, temperature=0.8)
+    x = torch.randn(T, d_in, generator=torch.Generator().manual_seed(T + 1))
+    table = None if slots is None else torch.tensor(slots)
+    outs = [torch.randn(T, d, generator=torch.Generator().manual_seed(d)) for d in d_outs]
+    before = [o.clone() for o in outs]
+    native.gate_mixture_native(x, gate.weight, gate.present, gate.absolute, gate.top_k, gate.temperature, table,
+                               banks, outs)
+    idx, w = _native_gate(x, gate)
+    for m, (bank, o, o0) in enumerate(zip(banks, outs, before)):
+        local = idx[m]
+        bank_idx = local if table is None else torch.where(local >= 0, table[local.clamp_min(0)], -1)
+        want = o0.clone()
+        native.mixture_lora_native(x, bank, bank_idx, w[m], out=want)
+        assert torch.equal(o, want)
+        ref = mixture_lora_reference(x, bank, bank_idx, w[m])
+        torch.testing.assert_close(o - o0, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_native
+def test_fused_gate_mixture_rejects_bad_input_and_writes_nothing():
+    banks = _sibling_banks(16, (16, 8), [2, 2, 2], seed=0)
+    gate = _gate(2, 3, 16, 2)
+    x = torch.randn(4, 16)
+    outs = [torch.zeros(4, 16), torch.zeros(4, 8)]
+    with pytest.raises(ValueError, match=r"bank slot 7 outside \[-1, 3\)"):
+        native.gate_mixture_native(x, gate.weight, None, True, 2, 1.0, torch.tensor([7, 7, 7]), banks, outs)
+    assert all((o == 0).all() for o in outs)
+    with pytest.raises(ValueError, match="cannot take"):  # an output of the wrong width
+        native.gate_mixture_native(x, gate.weight, None, True, 2, 1.0, None, banks, [outs[0], torch.zeros(4, 9)])
+    with pytest.raises(ValueError, match="top_k 65 outside"):
+        native.gate_mixture_native(x, torch.zeros(16, 2 * 70), None, True, 65, 1.0, None, banks, outs)
+    with pytest.raises(ValueError, match="2 modules"):  # gate columns not M·E
+        native.gate_mixture_native(x, torch.zeros(16, 7), None, True, 2, 1.0, None, banks, outs)

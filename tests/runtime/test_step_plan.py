@@ -359,10 +359,11 @@ def test_fused_sibling_gather_equals_the_reference(tiny_model, lib_even, monkeyp
 @torch.no_grad()
 @pytest.mark.skipif(not native.available(), reason="no C compiler for the native backend")
 def test_native_steps_equal_the_reference_and_each_row_alone(tiny_model, lib9, monkeypatch):
-    """The default CPU backend for fp32 inference steps is the native kernel, and Arrow's gate
-    is evaluated by its native form (both counted): a batch of two rows gives the reference
-    backend's logits and each row's logits run alone, a KV-cache generation gives the
-    reference's tokens, and so does a prefill-sized batch."""
+    """The default CPU backend for fp32 inference steps is the native kernel: Arrow's steps run
+    its gate and mixture in one native call per group of siblings (``gate_mixture_native``), a
+    router that is no linear gate runs the per-module native kernel (all counted): a batch of two
+    rows gives the reference backend's logits and each row's logits run alone, a KV-cache
+    generation gives the reference's tokens, and so does a prefill-sized batch."""
     calls = []
     nat = BACKENDS["native"]
 
@@ -375,24 +376,30 @@ def test_native_steps_equal_the_reference_and_each_row_alone(tiny_model, lib9, m
     monkeypatch.setitem(BACKENDS, "native", dataclasses.replace(
         nat, impls={m: counted(f) for m, f in nat.impls.items()},
         accumulate={m: counted(f) for m, f in nat.accumulate.items()}))
-    gates = []
-    monkeypatch.setattr(native, "linear_gate_native", counted_into(gates, native.linear_gate_native))
+    fused = []
+    monkeypatch.setattr(native, "gate_mixture_native", counted_into(fused, native.gate_mixture_native))
     rm = RoutedModel(copy.deepcopy(tiny_model), lib9, router=Arrow(top_k=2))
     ref = RoutedModel(copy.deepcopy(tiny_model), lib9, router=Arrow(top_k=2), backend="reference")
     ids = torch.tensor([[3, 4, 11], [8, 9, 2]])
-    got = rm(ids).logits
-    assert calls, "the native backend was not used"
-    assert gates, "Arrow's gate was not evaluated by the native kernel"
+    got = rm(ids).logits  # the first step: every module alone (M = 1)
+    assert fused and not calls, "Arrow's step did not run the fused native call"
     torch.testing.assert_close(got, ref(ids).logits, atol=1e-5, rtol=0)
+    fused.clear()
+    torch.testing.assert_close(rm(ids).logits, got, atol=1e-5, rtol=0)  # siblings known: q/k/v, gate/up fused
+    assert len(fused) == 2 * 4  # per layer: q/k/v, o, gate/up, down
+    fixed = Fixed({"a0": 0.7, "a3": 0.3})
+    torch.testing.assert_close(rm(ids, routers=[fixed] * 2).logits, ref(ids, routers=[fixed] * 2).logits,
+                               atol=1e-5, rtol=0)
+    assert calls, "the per-module native kernel was not used for a fixed mixture"
     for row in range(2):
         torch.testing.assert_close(got[row], rm(ids[row:row + 1]).logits[0], atol=1e-5, rtol=0)
     gen = rm.generate(input_ids=ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
     want = ref.generate(input_ids=ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert gen.tolist() == want.tolist()
-    calls.clear()  # a prefill-sized step (T·k = 160 slots per module) runs natively too
+    fused.clear()  # a prefill-sized step (T·k = 160 slots per module) runs natively too
     long = torch.randint(1, 100, (2, 40), generator=torch.Generator().manual_seed(0))
     got = rm(long).logits
-    assert calls, "the native backend was not used for a prefill-sized step"
+    assert fused, "the native backend was not used for a prefill-sized step"
     torch.testing.assert_close(got, ref(long).logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(got[1], rm(long[1:]).logits[0], atol=1e-5, rtol=0)
 
@@ -433,3 +440,46 @@ def test_a_kept_delta_is_used_only_for_the_same_unmodified_input(tiny_model, lib
     torch.testing.assert_close(got[0], alone[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(got[1], alone_other[1], atol=1e-6, rtol=0)
     torch.testing.assert_close(got[2], alone_other[2], atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.skipif(not native.available(), reason="no C compiler for the native backend")
+@pytest.mark.parametrize("which", range(7), ids=["arrow", "single", "fixed", "uniform", "moe", "mhr", "arrow-mb"])
+@pytest.mark.parametrize("capacity", [None, 16], ids=["unbounded", "capacity16"])
+def test_one_router_steps_mix_siblings_natively_and_equal_the_reference(tiny_model, lib9, monkeypatch, which,
+                                                                        capacity):
+    """A step routed by one router (a single group) mixes sibling modules in one native call:
+    the linear gate and its mixture (Arrow), or one step-wide decision into every sibling (fixed
+    weights, uniform): prefill and decode steps of a left-padded batch equal the reference
+    backend and each row alone; routers the fused calls do not serve (merge-before, the MoE gate
+    is no linear gate, MHR's head views) take the per-module path and still equal it."""
+    calls = {"gate": [], "siblings": []}
+    for name, fn in (("gate", "gate_mixture_native"), ("siblings", "mixture_siblings_native")):
+        real = getattr(native, fn)
+        monkeypatch.setattr(native, fn, lambda *a, _real=real, _log=calls[name]: _log.append(1) or _real(*a))
+    router = all_routers(lib9)[which]
+    ids, mask, _ = left_padded(PROMPTS[:3])
+    rm = RoutedModel(copy.deepcopy(tiny_model), lib9, capacity=capacity)
+    ref = RoutedModel(copy.deepcopy(tiny_model), lib9, backend="reference")
+    rm.bind(router), ref.bind(router)
+    kw = {"input_ids": ids, "attention_mask": mask, "routers": [router] * 3}
+    want = ref(**kw).logits
+    first = rm(**kw).logits  # learns the siblings
+    for v in calls.values():
+        v.clear()
+    second = rm(**kw).logits
+    torch.testing.assert_close(first, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(second, want, atol=1e-5, rtol=0)
+    fused = {"arrow": "gate", "single": "siblings", "fixed": "siblings", "uniform": "siblings"}
+    kind = ["arrow", "single", "fixed", "uniform", "moe", "mhr", "arrow-mb"][which]
+    if kind in fused:
+        assert calls[fused[kind]], f"{kind}: no fused native call"
+    else:  # MHR's head views are not plain banks
+        assert not calls["gate"] and not calls["siblings"]
+    for row in range(3):  # each row alone, decode-sized too: its last token after its prompt
+        alone = {"input_ids": ids[row:row + 1], "attention_mask": mask[row:row + 1], "routers": [router]}
+        torch.testing.assert_close(rm(**alone).logits[0], second[row], atol=1e-5, rtol=0)
+    gen = rm.generate(input_ids=ids[1:2, -3:], max_new_tokens=5, do_sample=False, pad_token_id=0, routers=[router])
+    want_gen = ref.generate(input_ids=ids[1:2, -3:], max_new_tokens=5, do_sample=False, pad_token_id=0,
+                            routers=[router])
+    assert gen.tolist() == want_gen.tolist()
