@@ -238,10 +238,14 @@ class Engine:
         log.info("routing over %d adapters", len(self.universe))
 
     def _warm_up(self) -> None:
-        """One token through the default router: fills the adapter bank, so that a batch routed
-        to no adapter at all (model ``base``) finds the bank's modules in place."""
+        """One token through the default router (through its scorer, for a router that decides from
+        a scoring pass): fills the adapter bank, so that a batch routed to no adapter at all (model
+        ``base``) finds the bank's modules in place."""
+        r = self.rm.router
+        routers = [self.rm.bind(r.scorer)] if getattr(r, "prompt_pass", False) else None
         with torch.inference_mode():
-            self.rm(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=False)
+            self.rm(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=False,
+                    routers=routers)
 
     # -- queue -> batch ----------------------------------------------------------------------------
     def _reap(self) -> None:

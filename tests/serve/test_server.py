@@ -360,6 +360,20 @@ def test_hot_add_and_remove_adapters(lib_copy, serve_model_dir, tiny_spec, tmp_p
         s.stop()
 
 
+def test_arrow_vote_as_the_servers_default_router(serve_library, serve_model_dir, tmp_path, reference):
+    """`router=arrow-vote`: model `quiver` runs the scoring pass per request and answers as the
+    voted adapter does run alone; the response names the one adapter it used."""
+    s = Server(serve_library, serve_model_dir, "router=arrow-vote", tmp=tmp_path)
+    try:
+        client = s.client(key=None)
+        for prompt in PROMPTS:
+            r = _complete(client, "quiver", None, prompt)
+            assert r.choices[0].text == reference(prompt, _vote(1)), prompt
+            assert len(r.routing["adapters"]) == 1 and list(r.routing["adapters"].values()) == [pytest.approx(1.0)]
+    finally:
+        s.stop()
+
+
 def test_draining_engine_refuses_with_503(serve_library, serve_model_dir):
     """In process: once draining, submit() answers 503 in OpenAI's shape."""
     from quiver.config import compose
