@@ -67,3 +67,19 @@ def test_the_task_screen_refuses_tasks_without_an_adapter(capsys):
     with pytest.raises(SystemExit):
         main(["--tasks", "date_iso", "lowercase"])  # lowercase is held out: no adapter to route to
     assert "not held-in tasks (no adapter): ['lowercase']" in capsys.readouterr().err
+
+
+def test_arrow_vote_gets_its_votes_and_routes_each_prompt_whole(routed, tiny_tokenizer):
+    """The diagnostics run ArrowVote's scoring pass: with top-1, a prompt's every token goes to the
+    one voted adapter, so its share is 0 or 1 and equals its top-1 hit; the voted adapter is the
+    one per-token Arrow (the scorer) gave the most weight, i.e. Arrow's own top-1 over the prompt."""
+    from quiver.routing import ArrowVote
+
+    vote = routing_diagnostics(routed, tiny_tokenizer, _items(), ArrowVote(top_k=1, adapters=["a", "b", "c"]),
+                               batch_size=4)
+    arrow = routing_diagnostics(routed, tiny_tokenizer, _items(), Arrow(top_k=2, adapters=["a", "b", "c"]),
+                                batch_size=4)
+    for t, d in vote["per_task"].items():
+        assert d["own_share"] in (0.0, 0.5, 1.0)  # task "a" has two prompts
+        assert d["own_share"] == pytest.approx(d["top1_hit"])
+        assert d["top1_hit"] == arrow["per_task"][t]["top1_hit"]
