@@ -116,7 +116,7 @@ def _load():
     fn.restype = i64
     gate.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, i64, ctypes.c_float, ptr, ptr]
     gate.restype = i64
-    fused.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, ctypes.c_float, ptr, ptr, ptr, ptr, ptr]
+    fused.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, ctypes.c_float, ptr, ptr, ptr]
     fused.restype = i64
     siblings.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr]
     siblings.restype = i64
@@ -202,6 +202,9 @@ _DESC = 10  # QV_DESC in the C source: the int64 fields per module
 # never change (the runtime makes a new object when its storage changes), so they are computed
 # once per object; weak keys, so a dropped bank leaves nothing behind.
 _FIELDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# tuple of bank ids -> (weak references to those banks, their ctypes desc array): the references
+# tell a live entry from one whose ids were reused by new objects
+_DESCS: dict[tuple[int, ...], tuple[list, object]] = {}
 
 
 def supports_bank(b: LoraBank) -> bool:
@@ -239,19 +242,15 @@ def gate_mixture_native(x: Tensor, weight: Tensor, present: Tensor | None, absol
         raise ValueError(f"gate_mixture_native: top_k {top_k} outside [1, {MAX_K}], or gate weight "
                          f"{tuple(weight.shape)} not [{x.shape[1]}, {M} modules × E], or {len(outs)} outputs")
     desc = _describe(x, banks, outs, "gate_mixture_native")
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    sim = x @ weight  # [T, M·E]
-    pres = None if present is None else present.bool().contiguous()
-    sl = None if slots is None else slots.to(torch.int64).contiguous()
-    idx = torch.empty(M, T, k, dtype=torch.int64)
-    w = torch.empty(M, T, k, dtype=torch.float32)
     if not T:
         return
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    sim = torch.mm(x, weight)  # [T, M·E]
+    pres, sl = _as(present, torch.bool), _as(slots, torch.int64)
     rc = _state["fused"](x.data_ptr(), T, x.shape[1], x.stride(0), sim.data_ptr(), sim.stride(0), M, E,
                          None if pres is None else pres.data_ptr(), int(absolute), k, float(temperature),
-                         None if sl is None else sl.data_ptr(), idx.data_ptr(), w.data_ptr(),
-                         desc, (ctypes.c_void_p * M)(*[o.data_ptr() for o in outs]))
-    _check(rc, T * k, lambda m, p: int(idx.view(M, -1)[m, p]), banks)
+                         None if sl is None else sl.data_ptr(), desc, _pointers(outs))
+    _check(rc, T * k, banks)
 
 
 def mixture_siblings_native(x: Tensor, indices: Tensor, weights: Tensor, banks: list[LoraBank],
@@ -265,34 +264,54 @@ def mixture_siblings_native(x: Tensor, indices: Tensor, weights: Tensor, banks: 
     if len(outs) != M:
         raise ValueError(f"mixture_siblings_native: {M} banks, {len(outs)} outputs")
     desc = _describe(x, banks, outs, "mixture_siblings_native")
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    idx = indices if indices.dtype == torch.int64 and indices.is_contiguous() else indices.to(torch.int64).contiguous()
-    w = weights if weights.dtype == torch.float32 and weights.is_contiguous() else weights.float().contiguous()
     if not T:
         return
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    idx, w = _as(indices, torch.int64), _as(weights, torch.float32)
     rc = _state["siblings"](x.data_ptr(), T, x.shape[1], x.stride(0), idx.data_ptr(), w.data_ptr(), k, M, desc,
-                            (ctypes.c_void_p * M)(*[o.data_ptr() for o in outs]))
-    _check(rc, T * k, lambda m, p: int(idx.view(-1)[p]), banks)
+                            _pointers(outs))
+    _check(rc, T * k, banks)
 
 
 def _describe(x: Tensor, banks: list[LoraBank], outs: list[Tensor], what: str):
-    """The C side's ``desc`` for ``banks`` (QV_DESC int64 per module), checking each output."""
-    T, desc = x.shape[0], []
+    """The C side's ``desc`` for ``banks`` (QV_DESC int64 per module; one array per group of
+    banks, kept while they live), after checking each output against its bank."""
+    T = x.shape[0]
     for b, o in zip(banks, outs):
-        fields = _bank_fields(b)
-        if (not fields or b.d_in != x.shape[1] or o.shape != (T, b.d_out) or o.stride(-1) != 1
-                or (T > 1 and o.stride(0) != b.d_out)):
-            raise ValueError(f"{what}: a bank (rank {b.max_rank}, d_in {b.d_in}, {b.dtype}) or an output "
-                             f"{tuple(o.shape)} this kernel cannot take")
-        desc += fields
-    return (ctypes.c_int64 * len(desc))(*desc)
+        if o.shape != (T, b.d_out) or o.stride(-1) != 1 or (T > 1 and o.stride(0) != b.d_out):
+            raise ValueError(f"{what}: output {tuple(o.shape)} for a bank of d_out {b.d_out} (rows of "
+                             "contiguous floats wanted)")
+    key = tuple(map(id, banks))
+    hit = _DESCS.get(key)
+    if hit is None or not all(r() is b for r, b in zip(hit[0], banks)):
+        bad = [b for b in banks if b.d_in != x.shape[1] or not _bank_fields(b)]
+        if bad:
+            raise ValueError(f"{what}: a bank (rank {bad[0].max_rank}, d_in {bad[0].d_in}, {bad[0].dtype}) this "
+                             f"kernel cannot take for x of width {x.shape[1]}")
+        fields = [f for b in banks for f in _bank_fields(b)]
+        hit = ([weakref.ref(b) for b in banks], (ctypes.c_int64 * len(fields))(*fields))
+        if len(_DESCS) >= 4096:  # groups of banks no longer used: start afresh
+            _DESCS.clear()
+        _DESCS[key] = hit
+    elif banks[0].d_in != x.shape[1]:
+        raise ValueError(f"{what}: x of width {x.shape[1]} for banks of d_in {banks[0].d_in}")
+    return hit[1]
 
 
-def _check(rc: int, P: int, slot_at, banks: list[LoraBank]) -> None:
+def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``t`` in ``dtype``, contiguous (itself when it already is)."""
+    return t if t is None or (t.dtype == dtype and t.is_contiguous()) else t.to(dtype).contiguous()
+
+
+def _pointers(outs: list[Tensor]):
+    return (ctypes.c_void_p * len(outs))(*[o.data_ptr() for o in outs])
+
+
+def _check(rc: int, P: int, banks: list[LoraBank]) -> None:
     """Raise for a C return code: -1 (allocation) or 1 + m·P + p (a bad slot p of module m)."""
     if rc == -1:
-        raise MemoryError(f"the native mixture could not allocate its sort buffers ({P} slots)")
+        raise MemoryError(f"the native mixture could not allocate its buffers ({P} slots per module)")
     if rc:
         m, p = divmod(rc - 1, P)
-        raise ValueError(f"module {m} of the call: bank slot {slot_at(m, p)} outside "
-                         f"[-1, {banks[m].num_adapters}) or of too high a rank")
+        raise ValueError(f"module {m} of the call, slot {p}: a bank slot outside [-1, {banks[m].num_adapters}) "
+                         "or of too high a rank")

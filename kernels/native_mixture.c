@@ -178,9 +178,9 @@ int64_t quiver_topk_softmax_f32(
  *
  * desc: [M, QV_DESC] int64 per module: A, sAe, sAr, B, sBe, sBn, sBr, ranks (addresses as
  * integers; strides in elements, as quiver_mixture_f32 takes them), E_bank (the bank's slots),
- * d_out. idx / w: [M, T, k] scratch, left holding the decisions (bank slots).
+ * d_out. The decisions live in buffers of this call.
  *
- * Returns 0; -2 when k is outside [1, QV_MAX_K]; -1 when a sort buffer cannot be allocated;
+ * Returns 0; -2 when k is outside [1, QV_MAX_K]; -1 when a buffer cannot be allocated;
  * 1 + m*T*k + p for the first slot p of module m whose bank slot is outside [-1, E_bank) or
  * whose adapter's rank exceeds QV_MAX_RANK. In the -2 and index cases nothing has been written
  * to any output (every module is checked before the first is computed).
@@ -191,33 +191,46 @@ int64_t quiver_gate_mixture_f32(
     const float *x, int64_t T, int64_t d_in, int64_t sxt,
     const float *sim, int64_t ssim, int64_t M, int64_t E, const uint8_t *present,
     int64_t absolute, int64_t k, float temperature, const int64_t *slots,
-    int64_t *idx, float *w, const int64_t *desc, float *const *outs)
+    const int64_t *desc, float *const *outs)
 {
-    if (quiver_topk_softmax_f32(sim, T, ssim, M, E, present, absolute, k, temperature, idx, w))
+    if (k > QV_MAX_K || k < 1)
         return -2;
     const int64_t P = T * k;
-    for (int64_t m = 0; m < M; ++m) {
+    int64_t *idx = malloc((size_t)(M * P > 0 ? M * P : 1) * sizeof(int64_t)); /* the decisions [M, T, k] */
+    float *w = malloc((size_t)(M * P > 0 ? M * P : 1) * sizeof(float));
+    int64_t rc = 0;
+    if (!idx || !w) {
+        rc = -1;
+        goto done;
+    }
+    quiver_topk_softmax_f32(sim, T, ssim, M, E, present, absolute, k, temperature, idx, w);
+    for (int64_t m = 0; m < M && !rc; ++m) {
         const int64_t *d = desc + m * QV_DESC;
         const int32_t *ranks = (const int32_t *)(intptr_t)d[7];
         for (int64_t p = 0; p < P; ++p) {
             int64_t *ip = idx + m * P + p;
             if (*ip >= 0 && slots)
                 *ip = slots[*ip];
-            if (*ip < -1 || *ip >= d[8] || (*ip >= 0 && ranks[*ip] > QV_MAX_RANK))
-                return 1 + m * P + p;
+            if (*ip < -1 || *ip >= d[8] || (*ip >= 0 && ranks[*ip] > QV_MAX_RANK)) {
+                rc = 1 + m * P + p;
+                break;
+            }
         }
     }
-    for (int64_t m = 0; m < M; ++m) {
+    for (int64_t m = 0; m < M && !rc; ++m) {
         const int64_t *d = desc + m * QV_DESC;
-        const int64_t rc = quiver_mixture_f32(
+        rc = quiver_mixture_f32(
             x, T, d_in, sxt, idx + m * P, w + m * P, k,
             (const float *)(intptr_t)d[0], d[1], d[2],
             (const float *)(intptr_t)d[3], d[4], d[5], d[6],
             (const int32_t *)(intptr_t)d[7], d[8], outs[m], d[9], d[9]);
-        if (rc)
-            return rc < 0 ? rc : 1 + m * P + rc - 1;
+        if (rc > 0)
+            rc = 1 + m * P + rc - 1;
     }
-    return 0;
+done:
+    free(idx);
+    free(w);
+    return rc;
 }
 
 /* One decision (idx / w: [T, k], bank slots) mixed into M sibling modules' outputs in one call:
