@@ -6,8 +6,9 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$root/scripts/bootstrap.sh"
 cd "$root"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# `python -m` would put this directory first on sys.path, where the package's own `kernels/`
-# folder shadows the `kernels` package that transformers (>= 5.25) imports: keep it off.
+# `python -m` would put this directory first on sys.path, making the package's folders importable
+# under their own names (kernels/ hands that name over, see kernels/__init__.py): keep it off, so
+# the tests import only the installed package.
 export PYTHONSAFEPATH=1
 # pytest's own exit status is the result: 0 all passed, 1 failures, 5 nothing collected
 # (also a failure here: the suite is never empty).
