@@ -199,7 +199,7 @@ class StepPlan:
             return False
         if not g.identity:
             idx = torch.where(idx >= 0, g.slots[idx.clamp_min(0)], -1)
-        outs = [out] + [flat.new_zeros(flat.shape[0], b.d_out) for b in banks[1:]]
+        outs = self._sibling_outputs(flat, out, banks)
         mixture_lora_gather_siblings(flat, banks, idx, w if w.dtype == flat.dtype else w.to(flat.dtype), outs)
         self._keep_deltas(later, src, outs)
         return True
@@ -222,7 +222,7 @@ class StepPlan:
                                             or any(b.A.requires_grad or b.B.requires_grad for b in banks))
         if not self._native_backend("gate-mixture", flat, banks, gate.weight, flat.shape[0] * gate.top_k, grad):
             return False
-        outs = [out] + [flat.new_zeros(flat.shape[0], b.d_out) for b in banks[1:]]
+        outs = self._sibling_outputs(flat, out, banks)
         native.gate_mixture_native(flat, gate.weight, gate.present, gate.absolute, gate.top_k, gate.temperature,
                                    None if g.identity else g.slots, banks, outs)
         self._keep_deltas(later, src, outs)
@@ -242,6 +242,11 @@ class StepPlan:
             name = self._impl[key] = resolve_backend(flat, banks[0], weights, slots, self.backend)
         return name == "native" and not grad and all(native.supports_bank(b) for b in banks)
 
+    @staticmethod
+    def _sibling_outputs(flat: Tensor, out: Tensor, banks) -> list[Tensor]:
+        """Where a group call writes: this module's base output, then a zero delta per later sibling."""
+        return [out] + [flat.new_zeros(flat.shape[0], b.d_out) for b in banks[1:]]
+
     def _keep_deltas(self, later: tuple[str, ...], src: tuple[Tensor, int], outs: list[Tensor]) -> None:
         for p, d in zip(later[1:], outs[1:]):
             self._kept_delta[p] = (src[0], src[1], d)
@@ -259,7 +264,7 @@ class StepPlan:
         grad = needs_grad(flat, banks[0], decision.weights)
         if not self._native_backend("siblings-native", flat, banks, decision.weights, decision.indices.numel(), grad):
             return False
-        outs = [out] + [flat.new_zeros(flat.shape[0], b.d_out) for b in banks[1:]]
+        outs = self._sibling_outputs(flat, out, banks)
         native.mixture_siblings_native(flat, decision.indices, decision.weights, banks, outs)
         self._keep_deltas(later, src, outs)
         return True
