@@ -113,7 +113,7 @@ def merge_cmd(ctx: typer.Context, library: LibraryOpt = None, as_json: JsonOpt =
     quiver merge merge=pcb adapters=\\[a,b] output=checkpoint output.path=./merged-model
 
     Keys: adapters=[...] (two or more, each once); weights=[...] (one per adapter, default 1 each);
-    merge=METHOD (conf/merge/*.yaml: linear (the default), task_arithmetic, ties, dare_linear,
+    merge=METHOD (conf/merge/*.yaml: ties (the default), linear, task_arithmetic, dare_linear,
     dare_ties, breadcrumbs, pcb, magnitude_prune) and merge.KEY=VALUE; output=lora: output.name
     (registered name), output.rank, output.replace=true (replace an adapter of that name), output.path (also
     export a PEFT directory), output.overwrite=true (replace a previous export there);

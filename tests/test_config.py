@@ -39,6 +39,7 @@ def test_every_command_has_a_primary_config():
         cfg = compose([], command)
         assert "model" in cfg and "library" in cfg, command
     assert "adapters" in compose([], "merge") and "adapters" not in compose([], "generate")
+    assert compose([], "merge").merge.name == "ties"  # the default method (docs/quality.md, 40 prompts)
     train = compose([], "train")
     assert train.get("router") is None and train.get("adapter") is None  # say what to train
 
