@@ -231,26 +231,65 @@ def gate_mixture_native(x: Tensor, weight: Tensor, present: Tensor | None, absol
     :func:`linear_gate_native`) and mixed as :func:`mixture_lora_native` mixes, from ``banks[m]``;
     ``slots: int64 [E]`` maps the gate's positions to bank slots (None: the same). Float32 on the
     CPU, one C call after the logits GEMM. ``outs[m]``: ``[T, d_out_m]`` with contiguous rows.
-    Equal, module by module, to :func:`linear_gate_native` then :func:`mixture_lora_native`."""
-    if _load() is None:
-        raise RuntimeError(f"the native backend is unavailable: {_state['why']}")
-    M = len(banks)
-    T, N = x.shape[0], weight.shape[1]
-    E = N // M
-    k = min(top_k, E)
-    if not 1 <= k <= MAX_K or N != M * E or weight.shape[0] != x.shape[1] or len(outs) != M:
-        raise ValueError(f"gate_mixture_native: top_k {top_k} outside [1, {MAX_K}], or gate weight "
-                         f"{tuple(weight.shape)} not [{x.shape[1]}, {M} modules × E], or {len(outs)} outputs")
-    desc = _describe(x, banks, outs, "gate_mixture_native")
-    if not T:
-        return
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    sim = torch.mm(x, weight)  # [T, M·E]
-    pres, sl = _as(present, torch.bool), _as(slots, torch.int64)
-    rc = _state["fused"](x.data_ptr(), T, x.shape[1], x.stride(0), sim.data_ptr(), sim.stride(0), M, E,
-                         None if pres is None else pres.data_ptr(), int(absolute), k, float(temperature),
-                         None if sl is None else sl.data_ptr(), desc, _pointers(outs))
-    _check(rc, T * k, banks)
+    Equal, module by module, to :func:`linear_gate_native` then :func:`mixture_lora_native`.
+    (:class:`GateMixtureCall` is this call prepared once for repeated use.)"""
+    GateMixtureCall(x.shape[1], weight, present, absolute, top_k, temperature, slots, banks)(x, outs)
+
+
+class GateMixtureCall:
+    """:func:`gate_mixture_native` with everything but the input and the outputs checked and
+    described once: the gate (``weight``, ``present``, ``absolute``, ``top_k``, ``temperature``),
+    the slot map and the banks, for inputs of width ``d_in``. Calling it with ``x`` and ``outs``
+    does the per-call work only (their checks, the logits GEMM, one C call): what a decoding step
+    repeats at every group of sibling modules, where the Python around a ~10 µs C call was most of
+    the cost. It holds its banks by weak reference (``banks``: one ``weakref.ref`` per module), so
+    a call kept for later does not keep a replaced bank's storage alive; calling it after one of
+    them was freed raises. The step planner keeps one per group of modules and reuses it while
+    the step's banks, gate and slots are the very objects it was made from (runtime/plan.py)."""
+
+    __slots__ = ("d_in", "weight", "present", "absolute", "top_k", "temperature", "slots", "banks", "desc",
+                 "d_outs", "M", "E", "k", "_fn", "_ptrs")
+
+    def __init__(self, d_in: int, weight: Tensor, present: Tensor | None, absolute: bool, top_k: int,
+                 temperature: float, slots: Tensor | None, banks: list[LoraBank]):
+        if _load() is None:
+            raise RuntimeError(f"the native backend is unavailable: {_state['why']}")
+        M, N = len(banks), weight.shape[1]
+        E = N // M if M else 0
+        k = min(top_k, E)
+        if not M or not 1 <= k <= MAX_K or N != M * E or weight.shape[0] != d_in:
+            raise ValueError(f"gate_mixture_native: top_k {top_k} outside [1, {MAX_K}], or gate weight "
+                             f"{tuple(weight.shape)} not [{d_in}, {M} modules × E]")
+        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+            raise ValueError(f"gate_mixture_native: a float32 CPU gate wanted, got {weight.dtype} on {weight.device}")
+        self.d_in, self.M, self.E, self.k = d_in, M, E, k
+        self.weight, self.absolute, self.top_k, self.temperature = weight, bool(absolute), top_k, float(temperature)
+        self.present, self.slots = _as(present, torch.bool), _as(slots, torch.int64)
+        if self.slots is not None and self.slots.numel() != E:
+            raise ValueError(f"gate_mixture_native: {self.slots.numel()} slots for a gate over {E} adapters")
+        self.desc = _desc(banks, d_in, "gate_mixture_native")
+        self.banks = tuple(weakref.ref(b) for b in banks)
+        self.d_outs = tuple(b.d_out for b in banks)
+        self._fn, self._ptrs = _state["fused"], ctypes.c_void_p * M
+
+    def __call__(self, x: Tensor, outs: list[Tensor]) -> None:
+        T = x.shape[0]
+        if x.dim() != 2 or x.shape[1] != self.d_in or x.dtype != torch.float32 or len(outs) != self.M:
+            raise ValueError(f"gate_mixture_native: x {tuple(x.shape)} {x.dtype} for a call prepared for float32 "
+                             f"rows of width {self.d_in}, or {len(outs)} outputs for {self.M} modules")
+        _check_outs(T, self.d_outs, outs, "gate_mixture_native")
+        if any(r() is None for r in self.banks):
+            raise RuntimeError("gate_mixture_native: a bank of this prepared call no longer exists")
+        if not T:
+            return
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        sim = torch.mm(x, self.weight)  # [T, M·E]
+        pres, sl = self.present, self.slots
+        rc = self._fn(x.data_ptr(), T, self.d_in, x.stride(0), sim.data_ptr(), sim.stride(0), self.M, self.E,
+                      None if pres is None else pres.data_ptr(), int(self.absolute), self.k, self.temperature,
+                      None if sl is None else sl.data_ptr(), self.desc, self._ptrs(*[o.data_ptr() for o in outs]))
+        if rc:
+            _check(rc, T * self.k, [r() for r in self.banks])
 
 
 def mixture_siblings_native(x: Tensor, indices: Tensor, weights: Tensor, banks: list[LoraBank],
@@ -274,27 +313,36 @@ def mixture_siblings_native(x: Tensor, indices: Tensor, weights: Tensor, banks: 
 
 
 def _describe(x: Tensor, banks: list[LoraBank], outs: list[Tensor], what: str):
+    """The C side's ``desc`` for ``banks`` after checking each output against its bank."""
+    _check_outs(x.shape[0], tuple(b.d_out for b in banks), outs, what)
+    return _desc(banks, x.shape[1], what)
+
+
+def _check_outs(T: int, d_outs: tuple[int, ...], outs: list[Tensor], what: str) -> None:
+    """Each output ``[T, d_out]`` float32 with contiguous rows: what the C side writes through."""
+    for d, o in zip(d_outs, outs):
+        if o.shape != (T, d) or o.dtype != torch.float32 or o.stride(-1) != 1 or (T > 1 and o.stride(0) != d):
+            raise ValueError(f"{what}: output {tuple(o.shape)} for a bank of d_out {d} ({o.dtype}; rows of "
+                             "contiguous float32 wanted)")
+
+
+def _desc(banks, d_in: int, what: str):
     """The C side's ``desc`` for ``banks`` (QV_DESC int64 per module; one array per group of
-    banks, kept while they live), after checking each output against its bank."""
-    T = x.shape[0]
-    for b, o in zip(banks, outs):
-        if o.shape != (T, b.d_out) or o.stride(-1) != 1 or (T > 1 and o.stride(0) != b.d_out):
-            raise ValueError(f"{what}: output {tuple(o.shape)} for a bank of d_out {b.d_out} (rows of "
-                             "contiguous floats wanted)")
+    banks, kept while they live)."""
     key = tuple(map(id, banks))
     hit = _DESCS.get(key)
     if hit is None or not all(r() is b for r, b in zip(hit[0], banks)):
-        bad = [b for b in banks if b.d_in != x.shape[1] or not _bank_fields(b)]
+        bad = [b for b in banks if b.d_in != d_in or not _bank_fields(b)]
         if bad:
             raise ValueError(f"{what}: a bank (rank {bad[0].max_rank}, d_in {bad[0].d_in}, {bad[0].dtype}) this "
-                             f"kernel cannot take for x of width {x.shape[1]}")
+                             f"kernel cannot take for x of width {d_in}")
         fields = [f for b in banks for f in _bank_fields(b)]
         hit = ([weakref.ref(b) for b in banks], (ctypes.c_int64 * len(fields))(*fields))
         if len(_DESCS) >= 4096:  # groups of banks no longer used: start afresh
             _DESCS.clear()
         _DESCS[key] = hit
-    elif banks[0].d_in != x.shape[1]:
-        raise ValueError(f"{what}: x of width {x.shape[1]} for banks of d_in {banks[0].d_in}")
+    elif banks[0].d_in != d_in:
+        raise ValueError(f"{what}: x of width {d_in} for banks of d_in {banks[0].d_in}")
     return hit[1]
 
 

@@ -46,7 +46,7 @@ class Arrow(Router):
         self.general = list(general or [])
         self._protos: dict[str, Tensor] = {}  # module path -> [E, d_in]; zero rows where absent
         self._present: dict[str, Tensor] = {}  # module path -> bool [E]
-        self._gates: dict[tuple, tuple] = {}  # (paths, device, dtype) -> (weight, present, n_present)
+        self._gates: dict[tuple, list] = {}  # (paths, device, dtype) -> [weight, present, n_present, gate]
 
     def config(self) -> dict:
         return {"top_k": self.top_k, "temperature": self.temperature, "mode": self.mode, "general": self.general}
@@ -91,15 +91,21 @@ class Arrow(Router):
     def linear_gate(self, paths: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> LinearGate:
         """Arrow at ``paths`` is the linear gate ``|x · v_e|`` over their stacked prototypes
         (host-side facts computed once per (paths, device, dtype): no device read per step;
-        ``top_k`` and ``temperature`` are read live, so changing them takes effect at once)."""
+        ``top_k`` and ``temperature`` are read live, so changing them takes effect at once). The
+        same LinearGate object is returned while they stay unchanged, so that callers can keep
+        work prepared for it (the step plan's native calls)."""
         key = (paths, device, dtype)
-        stacked = self._gates.get(key)
-        if stacked is None:
+        hit = self._gates.get(key)
+        if hit is None:
             present = torch.stack([self._present[p] for p in paths])  # bool [M, E], on the host
             weight = torch.cat([self._protos[p] for p in paths]).T.to(device, dtype).contiguous()  # [d_in, M·E]
-            stacked = self._gates[key] = (weight, None if bool(present.all()) else present.to(device),
-                                          int(present.sum(1).min()))
-        return LinearGate(*stacked, len(paths), absolute=True, top_k=self.top_k, temperature=self.temperature)
+            hit = self._gates[key] = [weight, None if bool(present.all()) else present.to(device),
+                                      int(present.sum(1).min()), None]
+        gate = hit[3]  # the last gate handed out here: one object while top_k and temperature stay
+        if gate is None or gate.top_k != self.top_k or gate.temperature != self.temperature:
+            gate = hit[3] = LinearGate(*hit[:3], len(paths), absolute=True, top_k=self.top_k,
+                                       temperature=self.temperature)
+        return gate
 
 
 def _prototypes(adapter: LoraAdapter) -> dict[str, tuple[Tensor, float]]:

@@ -67,7 +67,8 @@ class StepPlan:
     """One forward's routing (see the module docstring)."""
 
     def __init__(self, source, groups: list[Group], num_tokens: int, backend: str, trace=None,
-                 siblings: dict[str, tuple[str, ...]] | None = None):
+                 siblings: dict[str, tuple[str, ...]] | None = None, native_calls: dict | None = None,
+                 slot_maps: dict | None = None):
         self.source, self.groups, self.num_tokens = source, groups, num_tokens
         self.backend, self.trace = backend, trace
         self.siblings = siblings or {}  # path -> its run of modules sharing one input (learned)
@@ -81,6 +82,11 @@ class StepPlan:
         self._modes = [m for m in MODES if any(g.mode == m for g in groups)]
         self._impl: dict[tuple, object] = {}  # (mode, T·k, grad, dtype, device) -> backend function
         self._single = groups[0] if len(groups) == 1 and groups[0].tokens is None else None
+        # prepared native calls kept across steps (see _native_gate_mixture), and the slot maps seen
+        self.native_calls = native_calls if native_calls is not None else {}
+        self.slot_maps = slot_maps if slot_maps is not None else {}
+        self._slot_keys: dict[int, tuple] = {}  # group -> its slot map, this step
+        self._native_step: bool | None = None  # the native kernel may serve this step (see _native_ok)
 
     def delta(self, x: Tensor, path: str, out: Tensor | None = None) -> Tensor:
         """The mixture's delta ``[T, d_out]`` for the module at ``path`` (x: ``[..., d_in]``).
@@ -207,40 +213,79 @@ class StepPlan:
     def _native_gate_mixture(self, flat: Tensor, later: tuple[str, ...], g: Group, src: tuple[Tensor, int],
                              out: Tensor) -> bool:
         """Route ``later`` (this module and its later siblings) by the router's linear gate and
-        mix them, in one native call (kernels/native.py ``gate_mixture_native``): ``out +=`` this
+        mix them, in one native call (kernels/native.py ``GateMixtureCall``): ``out +=`` this
         module's delta, the later siblings' deltas kept. Float32 CPU inference steps whose
         backend resolves to ``native``; the same decisions and arithmetic as the gate call and
         the per-module native calls it replaces (tested against the reference). False when it
-        does not apply."""
+        does not apply.
+
+        The prepared call is kept across steps (the engine's ``native_calls``, one per group of
+        modules and backend) and reused while it was made from the very objects this step has:
+        the gate (the same LinearGate, or one of the same weight, present mask, top-k and
+        temperature), each module's bank (the bank makes new objects whenever its storage
+        changes) and the group's slot map (compared by value once per step). A decoding step
+        then does a few identity checks and the call itself per group, instead of preparing it
+        again."""
         if not self._native_ok(flat, out):
             return False
         gate = g.router.linear_gate(later, flat.device, flat.dtype)
         if gate is None or gate.top_k > native.MAX_K:
             return False
         banks = [self.source.bank_of(p) for p in later]
-        grad = torch.is_grad_enabled() and (flat.requires_grad or gate.weight.requires_grad
-                                            or any(b.A.requires_grad or b.B.requires_grad for b in banks))
-        if not self._native_backend("gate-mixture", flat, banks, gate.weight, flat.shape[0] * gate.top_k, grad):
+        if torch.is_grad_enabled() and (flat.requires_grad or gate.weight.requires_grad
+                                        or any(b.A.requires_grad or b.B.requires_grad for b in banks)):
+            return False  # the native kernel has no backward
+        if not self._runs_native("gate-mixture", flat, banks[0], gate.weight, flat.shape[0] * gate.top_k):
             return False
+        key, slots = (later, self.backend), self._slot_key(g)
+        kept = self.native_calls.get(key)
+        call = kept[0] if kept is not None else None
+        if (call is None or kept[1] is not slots or any(r() is not b for r, b in zip(call.banks, banks))
+                or (kept[2] is not gate and (call.weight is not gate.weight or call.present is not gate.present
+                                             or call.top_k != gate.top_k or call.temperature != gate.temperature
+                                             or call.absolute != gate.absolute))):
+            if not all(native.supports_bank(b) for b in banks):
+                return False
+            call = native.GateMixtureCall(flat.shape[1], gate.weight, gate.present, gate.absolute, gate.top_k,
+                                          gate.temperature, None if g.identity else g.slots, banks)
+            self.native_calls[key] = (call, slots, gate)
         outs = self._sibling_outputs(flat, out, banks)
-        native.gate_mixture_native(flat, gate.weight, gate.present, gate.absolute, gate.top_k, gate.temperature,
-                                   None if g.identity else g.slots, banks, outs)
+        call(flat, outs)
         self._keep_deltas(later, src, outs)
         return True
 
+    def _slot_key(self, g: Group) -> tuple | None:
+        """The group's slot map as a value, one object per distinct map (so that a prepared call
+        made in an earlier step compares by identity): None for the identity map. Computed once
+        per step and group (a host read of a CPU tensor: this serves the CPU kernel only)."""
+        hit = self._slot_keys.get(g.index)
+        if hit is None:
+            value = ("identity",) if g.identity else tuple(g.slots.tolist())
+            if len(self.slot_maps) >= 1024:  # maps no longer in use: start afresh (calls made under
+                self.slot_maps.clear()  # them no longer match and are prepared again)
+            hit = self._slot_keys[g.index] = self.slot_maps.setdefault(value, value)
+        return hit
+
     def _native_ok(self, flat: Tensor, out: Tensor) -> bool:
         """A float32 CPU step the native kernel can serve, adding into ``out`` (rows contiguous)."""
-        return (self.backend in ("auto", "native") and flat.device.type == "cpu" and flat.dtype == torch.float32
-                and out.dtype == torch.float32 and out.stride(-1) == 1
-                and (flat.shape[0] <= 1 or out.stride(0) == out.shape[1]) and native.available())
+        if self._native_step is None:  # the backend allows it and the kernel is built: once per step
+            self._native_step = self.backend in ("auto", "native") and native.available()
+        return (self._native_step and flat.dtype == torch.float32 and flat.is_cpu and out.dtype == torch.float32
+                and out.stride(-1) == 1 and (flat.shape[0] <= 1 or out.stride(0) == out.shape[1]))
 
     def _native_backend(self, kind: str, flat: Tensor, banks, weights: Tensor, slots: int, grad: bool) -> bool:
         """Whether ``auto`` (or the named backend) runs this call natively; cached per step."""
-        key = (kind, flat.shape[0], grad)
+        return not grad and self._runs_native(kind, flat, banks[0], weights, slots) and all(
+            native.supports_bank(b) for b in banks)
+
+    def _runs_native(self, kind: str, flat: Tensor, bank, weights: Tensor, slots: int) -> bool:
+        """Whether the step's backend resolves to ``native`` for a no-gradient call of this kind
+        and token count (resolved once per step)."""
+        key = (kind, flat.shape[0], False)
         name = self._impl.get(key)
         if name is None:
-            name = self._impl[key] = resolve_backend(flat, banks[0], weights, slots, self.backend)
-        return name == "native" and not grad and all(native.supports_bank(b) for b in banks)
+            name = self._impl[key] = resolve_backend(flat, bank, weights, slots, self.backend)
+        return name == "native"
 
     @staticmethod
     def _sibling_outputs(flat: Tensor, out: Tensor, banks) -> list[Tensor]:
@@ -352,6 +397,8 @@ class Engine:
         self.requests: list[Router | None] | None = None  # router per request (None: default)
         self.request_ids: Tensor | None = None  # packed sequences: the request of each token
         self.siblings: dict[str, tuple[str, ...]] = {}  # path -> modules that read the same input
+        self.native_calls: dict = {}  # prepared native group calls, kept across steps (StepPlan)
+        self.slot_maps: dict[tuple, tuple] = {}  # one object per slot map seen (their identity keys those calls)
 
     def begin(self, shape: tuple[int, ...], device) -> StepPlan:
         """Build the plan for an input of ``shape`` ``[Bt, S]`` (ids) or ``[Bt, S, d]``."""
@@ -394,7 +441,8 @@ class Engine:
         except BaseException:
             self.source.end_step()
             raise
-        self.plan = StepPlan(self.source, groups, T, self.backend, self.trace, self.siblings)
+        self.plan = StepPlan(self.source, groups, T, self.backend, self.trace, self.siblings,
+                             self.native_calls, self.slot_maps)
         return self.plan
 
     def end(self) -> None:

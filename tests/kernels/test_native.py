@@ -215,3 +215,40 @@ def test_fused_gate_mixture_rejects_bad_input_and_writes_nothing():
         native.gate_mixture_native(x, torch.zeros(16, 2 * 70), None, True, 65, 1.0, None, banks, outs)
     with pytest.raises(ValueError, match="2 modules"):  # gate columns not M·E
         native.gate_mixture_native(x, torch.zeros(16, 7), None, True, 2, 1.0, None, banks, outs)
+
+
+@needs_native
+def test_a_prepared_gate_mixture_call_equals_the_one_shot_call_on_every_input():
+    """GateMixtureCall prepared once gives, input after input (decode- and prefill-sized), what
+    gate_mixture_native computes from scratch; it refuses inputs and outputs it was not prepared
+    for, and a call whose bank was freed raises instead of reading freed storage."""
+    import gc
+
+    d_in, d_outs = 24, (24, 8)
+    banks = _sibling_banks(d_in, d_outs, [2, 4, 3, 1], seed=5)
+    gate = _gate(2, 4, d_in, 2, absent=[(1, 2)], temperature=0.9)
+    table = torch.tensor([3, 0, 2, 1])
+    call = native.GateMixtureCall(d_in, gate.weight, gate.present, gate.absolute, gate.top_k, gate.temperature,
+                                  table, banks)
+    for T in (1, 7, 1, 0, 40):
+        x = torch.randn(T, d_in, generator=torch.Generator().manual_seed(100 + T))
+        got = [torch.randn(T, d, generator=torch.Generator().manual_seed(d)) for d in d_outs]
+        want = [o.clone() for o in got]
+        call(x, got)
+        native.gate_mixture_native(x, gate.weight, gate.present, gate.absolute, gate.top_k, gate.temperature, table,
+                                   banks, want)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), T
+    outs = [torch.zeros(3, d) for d in d_outs]
+    with pytest.raises(ValueError, match="width 24"):
+        call(torch.randn(3, 16), outs)
+    with pytest.raises(ValueError, match="float32"):
+        call(torch.randn(3, d_in, dtype=torch.float64), outs)
+    with pytest.raises(ValueError, match="torch.float64"):
+        call(torch.randn(3, d_in), [outs[0], torch.zeros(3, 8, dtype=torch.float64)])
+    with pytest.raises(ValueError, match="slots for a gate over 4"):
+        native.GateMixtureCall(d_in, gate.weight, None, True, 2, 1.0, torch.tensor([0, 1]), banks)
+    assert all((o == 0).all() for o in outs)
+    del banks
+    gc.collect()
+    with pytest.raises(RuntimeError, match="no longer exists"):
+        call(torch.randn(3, d_in), outs)

@@ -360,7 +360,7 @@ def test_fused_sibling_gather_equals_the_reference(tiny_model, lib_even, monkeyp
 @pytest.mark.skipif(not native.available(), reason="no C compiler for the native backend")
 def test_native_steps_equal_the_reference_and_each_row_alone(tiny_model, lib9, monkeypatch):
     """The default CPU backend for fp32 inference steps is the native kernel: Arrow's steps run
-    its gate and mixture in one native call per group of siblings (``gate_mixture_native``), a
+    its gate and mixture in one native call per group of siblings (``GateMixtureCall``), a
     router that is no linear gate runs the per-module native kernel (all counted): a batch of two
     rows gives the reference backend's logits and each row's logits run alone, a KV-cache
     generation gives the reference's tokens, and so does a prefill-sized batch."""
@@ -377,7 +377,7 @@ def test_native_steps_equal_the_reference_and_each_row_alone(tiny_model, lib9, m
         nat, impls={m: counted(f) for m, f in nat.impls.items()},
         accumulate={m: counted(f) for m, f in nat.accumulate.items()}))
     fused = []
-    monkeypatch.setattr(native, "gate_mixture_native", counted_into(fused, native.gate_mixture_native))
+    monkeypatch.setattr(native.GateMixtureCall, "__call__", counted_into(fused, native.GateMixtureCall.__call__))
     rm = RoutedModel(copy.deepcopy(tiny_model), lib9, router=Arrow(top_k=2))
     ref = RoutedModel(copy.deepcopy(tiny_model), lib9, router=Arrow(top_k=2), backend="reference")
     ids = torch.tensor([[3, 4, 11], [8, 9, 2]])
@@ -454,9 +454,10 @@ def test_one_router_steps_mix_siblings_natively_and_equal_the_reference(tiny_mod
     backend and each row alone; routers the fused calls do not serve (merge-before, the MoE gate
     is no linear gate, MHR's head views) take the per-module path and still equal it."""
     calls = {"gate": [], "siblings": []}
-    for name, fn in (("gate", "gate_mixture_native"), ("siblings", "mixture_siblings_native")):
-        real = getattr(native, fn)
-        monkeypatch.setattr(native, fn, lambda *a, _real=real, _log=calls[name]: _log.append(1) or _real(*a))
+    for name, owner, fn in (("gate", native.GateMixtureCall, "__call__"),
+                            ("siblings", native, "mixture_siblings_native")):
+        real = getattr(owner, fn)
+        monkeypatch.setattr(owner, fn, lambda *a, _real=real, _log=calls[name]: _log.append(1) or _real(*a))
     router = all_routers(lib9)[which]
     ids, mask, _ = left_padded(PROMPTS[:3])
     rm = RoutedModel(copy.deepcopy(tiny_model), lib9, capacity=capacity)
@@ -483,3 +484,46 @@ def test_one_router_steps_mix_siblings_natively_and_equal_the_reference(tiny_mod
     want_gen = ref.generate(input_ids=ids[1:2, -3:], max_new_tokens=5, do_sample=False, pad_token_id=0,
                             routers=[router])
     assert gen.tolist() == want_gen.tolist()
+
+
+@torch.no_grad()
+@pytest.mark.skipif(not native.available(), reason="no C compiler for the native backend")
+def test_prepared_native_calls_are_reused_across_steps_and_never_stale(tiny_model, lib9, monkeypatch):
+    """Arrow's native group calls are prepared once and reused by later steps (none prepared
+    again over a generation); whatever a step changes — top-k, temperature, the adapters in a
+    capacity-bound bank (new bank objects, new slots), the adapters routed over — gives a fresh
+    call, and every step still equals the reference backend."""
+    made = []
+    real_init = native.GateMixtureCall.__init__
+    monkeypatch.setattr(native.GateMixtureCall, "__init__", lambda self, *a: made.append(1) or real_init(self, *a))
+    rm = RoutedModel(copy.deepcopy(tiny_model), lib9, capacity=4)
+    ref = RoutedModel(copy.deepcopy(tiny_model), lib9, backend="reference")
+    arrow = Arrow(top_k=2, adapters=["a0", "a1", "a2"])
+    other = Arrow(top_k=2, adapters=["a3", "a4", "a5"])  # needs other slots of the 4-slot bank
+    ids = torch.tensor([[5, 9, 13, 17]])
+
+    def same(router, **kw):
+        rm.bind(router), ref.bind(router)
+        torch.testing.assert_close(rm(ids, routers=[router]).logits, ref(ids, routers=[router]).logits,
+                                   atol=1e-5, rtol=0)
+
+    same(arrow)
+    same(arrow)  # siblings learned: the group calls are prepared in this step
+    gen = rm.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0, routers=[arrow])
+    made.clear()
+    assert rm.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                       routers=[arrow]).tolist() == gen.tolist()
+    assert not made, "a decoding step prepared its native calls again"
+    assert gen.tolist() == ref.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                                        routers=[arrow]).tolist()
+    for change in (lambda: setattr(arrow, "top_k", 1), lambda: setattr(arrow, "temperature", 0.5)):
+        change()
+        made.clear()
+        same(arrow)
+        assert made, "a changed gate reused a call prepared for the old one"
+    made.clear()
+    same(other)  # evicts a0..a2 or some of them: new banks and slots
+    assert made
+    made.clear()
+    same(arrow)  # back again: loaded anew into other slots
+    assert made
