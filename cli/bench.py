@@ -22,8 +22,18 @@ def bench(ctx: typer.Context, name: Annotated[str, typer.Argument(help=f"One of:
 
 
 def demo(library: LibraryOpt = None,
-         prompt: Annotated[Optional[list[str]], typer.Option(help="A prompt; repeatable.")] = None):
+         prompt: Annotated[Optional[list[str]], typer.Option(help="A prompt; repeatable.")] = None,
+         router: Annotated[str, typer.Option(
+             help="arrow: Arrow per token (top-k adapters at every token and module); arrow-vote: one "
+                  "mixture per prompt, the top-k adapters of Arrow's routing mass over it (docs/routability.md).")]
+         = "arrow",
+         top_k: Annotated[Optional[int], typer.Option(
+             "--top-k", help="Adapters per token (arrow, default 2) or per prompt (arrow-vote, default 1).")] = None):
     """The main job on the real SmolLM2-135M: builds a demo library on first use and uses it."""
-    from quiver.demo import run_demo
+    from quiver.demo import DEMO_ROUTERS, run_demo
 
-    run_demo(library, prompt)
+    if router not in DEMO_ROUTERS:
+        raise typer.BadParameter(f"--router must be one of {', '.join(DEMO_ROUTERS)}, got {router!r}")
+    if top_k is not None and top_k < 1:
+        raise typer.BadParameter(f"--top-k must be at least 1, got {top_k}")
+    run_demo(library, prompt, router=router, top_k=top_k)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quiver import Library, RoutedModel, load_base_model
+from quiver import Library, RoutedModel
 from quiver.library import BaseModelSpec, write_peft_dir
 from quiver.library.synthetic import random_adapter
 from quiver.routing import Arrow, Single
@@ -58,3 +58,9 @@ def test_demo_main_job_builds_its_library_and_answers(tmp_path, capsys):
     with Library.open(tmp_path / "demo") as lib:
         assert sorted(lib.names()) == sorted(HELD_IN) and lib.verify().ok
     assert len(demo_prompts()) == 4
+    run_demo(library=tmp_path / "demo", prompts=["Convert March 5, 2021 to ISO format."], max_new_tokens=2,
+             router="arrow-vote")  # one mixture per prompt: the vote's adapter carries every token
+    out = " ".join(capsys.readouterr().out.split())
+    assert "routing: Arrow's vote, top-1 per prompt" in out and "adapters carrying its tokens: date_iso 100%" in out
+    with pytest.raises(ValueError, match="arrow, arrow-vote"):
+        run_demo(library=tmp_path / "demo", prompts=["x"], router="moe")
