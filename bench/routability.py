@@ -1,6 +1,7 @@
 """Routing diagnostics without generation: does a router send a task's prompts to its adapter?
 
     python -m quiver.bench.routability [--adapters DIR] [--tasks T ...] [--n N] [--top-k K] [--router arrow-vote]
+                                       [--held-out]
     python -m quiver.bench.routability --study LABEL=DIR [LABEL=DIR ...] [--quality-n N] [--out DIR]
 
 Each held-in test prompt is read once (one prefill, no generation) through the routed model
@@ -10,7 +11,10 @@ with the router's trace on. From every adapted module's per-token decisions it c
                    summed over the modules and over the prompt's **task tokens** (below);
 * ``own_share_all`` the same over every token the model reads, chat template included;
 * ``top1_hit``     how often the own adapter carried the most weight of all adapters;
-* ``random``       ``1 / E``, the share a router that ignores its input gives on average.
+* ``random``       ``1 / E``, the share a router that ignores its input gives on average;
+* ``where``        per task (held-out tasks too, with ``--held-out``): the adapter carrying the
+                   most routing mass over each prompt's task tokens (ArrowVote's top-1), counted
+                   over the prompts, and the median ratio of the runner-up's mass to it.
 
 **Task tokens** are the prompt's tokens from the user's text on: the chat template's leading
 tokens (SmolLM2's default system prompt and ``<|im_start|>user``) are the same for every
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,6 +54,7 @@ def routing_diagnostics(rm, tok, items: Sequence[dict], router, *, batch_size: i
     head = template_head_ids(tok, chat_template)
     device = next(rm.model.parameters()).device
     per_task: dict[str, dict[str, list[float]]] = {}
+    where: dict[str, dict] = {}  # task -> the adapter on top of each prompt's mass, and the runner-up's ratio
     n_adapters = None
     for start in range(0, len(items), batch_size):
         chunk = list(items[start: start + batch_size])
@@ -85,7 +91,11 @@ def routing_diagnostics(rm, tok, items: Sequence[dict], router, *, batch_size: i
         if keys is None:
             raise ValueError("the router made no decisions: is the model wrapped and the router bound?")
         top = by_adapter.argmax(1)
-        for i, it in enumerate(chunk):
+        mass, order = by_adapter.sort(1, descending=True)
+        for i, it in enumerate(chunk):  # where every prompt's mass goes, held-out tasks' too
+            w = where.setdefault(it["task"], {"top": {}, "second_to_top": []})
+            w["top"][keys[int(order[i, 0])]] = w["top"].get(keys[int(order[i, 0])], 0) + 1
+            w["second_to_top"].append(float(mass[i, 1] / mass[i, 0].clamp(min=1e-12)) if mass.shape[1] > 1 else 0.0)
             if int(own_idx[i]) < 0:
                 continue
             d = per_task.setdefault(it["task"], {"own_share": [], "own_share_all": [], "top1_hit": []})
@@ -98,6 +108,8 @@ def routing_diagnostics(rm, tok, items: Sequence[dict], router, *, batch_size: i
     report["random"] = 1.0 / n_adapters
     report["n_prompts"] = sum(len(d["top1_hit"]) for d in per_task.values())
     report["per_task"] = {t: {k: _mean(v) for k, v in d.items()} for t, d in per_task.items()}
+    report["where"] = {t: {"top": dict(sorted(w["top"].items(), key=lambda kv: -kv[1])),
+                           "second_to_top": statistics.median(w["second_to_top"])} for t, w in where.items()}
     return report
 
 
@@ -187,7 +199,7 @@ def main(argv=None) -> None:
     from quiver.library.base_model import default_cache_dir
     from quiver.routing import Arrow, ArrowVote
     from quiver.runtime import RoutedModel
-    from quiver.tasks import HELD_IN, get_task
+    from quiver.tasks import HELD_IN, HELD_OUT, get_task
     from quiver.training.tasklib import SHIPPED, register_task_adapters
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -199,6 +211,10 @@ def main(argv=None) -> None:
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--router", choices=("arrow", "arrow-vote"), default="arrow",
                     help="per-token Arrow, or ArrowVote (one mixture per prompt from Arrow's mass over it)")
+    ap.add_argument("--held-out", action="store_true",
+                    help="also read the held-out tasks' test prompts (no adapter of their own) and print, per "
+                         "task, which adapter carries most of each prompt's routing mass and how close the "
+                         "runner-up comes (median of second / top)")
     ap.add_argument("--json", type=Path, help="also write the report here")
     ap.add_argument("--study", nargs="+", metavar="LABEL=DIR",
                     help="routability against the training budget over these adapter dirs (see study())")
@@ -230,7 +246,8 @@ def main(argv=None) -> None:
         register_task_adapters(lib, args.adapters or SHIPPED, tasks=tasks)
     else:
         lib = open_task_library(lib_dir, spec, args.adapters)
-    items = [e.to_dict() for t in tasks for e in get_task(t).examples("test", args.n)]
+    shown = tasks + (list(HELD_OUT) if args.held_out else [])
+    items = [e.to_dict() for t in shown for e in get_task(t).examples("test", args.n)]
     router = (Arrow if args.router == "arrow" else ArrowVote)(top_k=args.top_k, adapters=tasks)
     rm = RoutedModel(model, lib, router=router, adapters=tasks)
     rep = routing_diagnostics(rm, tok, items, rm.router)
@@ -240,6 +257,12 @@ def main(argv=None) -> None:
           f"own adapter on top {rep['top1_hit']:.1%}")
     for t, d in rep["per_task"].items():
         print(f"  {t:<16} share {d['own_share']:.3f}  top-1 {d['top1_hit']:.0%}")
+    if args.held_out:
+        print("\nwhere each prompt's routing mass goes (top adapter: prompts; median second / top):")
+        for t in shown:
+            w = rep["where"][t]
+            tops = ", ".join(f"{a} {n}" for a, n in w["top"].items())
+            print(f"  {t:<16} {'held-in ' if t in tasks else 'held-out'}  {tops:<36} {w['second_to_top']:.2f}")
     if args.json:
         args.json.write_text(json.dumps(rep, indent=1))
 

@@ -57,6 +57,16 @@ def test_tasks_without_an_adapter_are_skipped_and_none_left_is_an_error(routed, 
         routing_diagnostics(routed, tiny_tokenizer, _items(tasks=["zz"] * 4), Fixed({"a": 1.0}))
 
 
+def test_where_the_mass_goes_covers_tasks_without_an_adapter_too(routed, tiny_tokenizer):
+    """``where``: per task, held-out ones included, the adapter with the most mass per prompt and
+    the median runner-up / top ratio — with fixed weights 0.3 / 0.7, b on top at 0.3 / 0.7."""
+    rep = routing_diagnostics(routed, tiny_tokenizer, _items(tasks=["a", "zz", "b", "zz"]), Fixed({"a": 0.3, "b": 0.7}))
+    assert set(rep["where"]) == {"a", "zz", "b"}
+    assert rep["where"]["zz"]["top"] == {"b": 2} and rep["where"]["a"]["top"] == {"b": 1}
+    for w in rep["where"].values():
+        assert w["second_to_top"] == pytest.approx(0.3 / 0.7, abs=1e-5)
+
+
 def test_template_prefix_is_counted_from_the_tokenizer(tiny_tokenizer):
     assert template_prefix_len(tiny_tokenizer) == 0  # no chat template: every token is the user's
 
