@@ -254,10 +254,11 @@ class StepPlan:
         self._keep_deltas(later, src, outs)
         return True
 
-    def _slot_key(self, g: Group) -> tuple | None:
+    def _slot_key(self, g: Group) -> tuple:
         """The group's slot map as a value, one object per distinct map (so that a prepared call
-        made in an earlier step compares by identity): None for the identity map. Computed once
-        per step and group (a host read of a CPU tensor: this serves the CPU kernel only)."""
+        made in an earlier step compares by identity; ``("identity",)`` for 0, 1, 2, ...).
+        Computed once per step and group (a host read of a CPU tensor: this serves the CPU
+        kernel only)."""
         hit = self._slot_keys.get(g.index)
         if hit is None:
             value = ("identity",) if g.identity else tuple(g.slots.tolist())
