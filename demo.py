@@ -50,6 +50,8 @@ def run_demo(library: Path | None = None, prompts: list[str] | None = None, top_
 
     if router not in DEMO_ROUTERS:
         raise ValueError(f"the demo routes with one of {', '.join(DEMO_ROUTERS)}, not {router!r}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"the demo's top-k must be at least 1, got {top_k}")
     label, default_k = DEMO_ROUTERS[router]
     top_k = default_k if top_k is None else top_k
 

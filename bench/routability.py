@@ -27,6 +27,7 @@ generation, and the prompt's last tokens already attend to the whole prompt.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import re
 import statistics
@@ -90,11 +91,11 @@ def routing_diagnostics(rm, tok, items: Sequence[dict], router, *, batch_size: i
             by_adapter.scatter_add_(1, idx.clamp(min=0).flatten(1), (w * task_tok[..., None]).flatten(1))
         if keys is None:
             raise ValueError("the router made no decisions: is the model wrapped and the router bound?")
-        top = by_adapter.argmax(1)
-        mass, order = by_adapter.sort(1, descending=True)
+        mass, order = by_adapter.sort(dim=1, descending=True, stable=True)  # ties: the lower index, as argmax
+        top = order[:, 0]
         for i, it in enumerate(chunk):  # where every prompt's mass goes, held-out tasks' too
-            w = where.setdefault(it["task"], {"top": {}, "second_to_top": []})
-            w["top"][keys[int(order[i, 0])]] = w["top"].get(keys[int(order[i, 0])], 0) + 1
+            w = where.setdefault(it["task"], {"top": collections.Counter(), "second_to_top": []})
+            w["top"][keys[int(top[i])]] += 1
             w["second_to_top"].append(float(mass[i, 1] / mass[i, 0].clamp(min=1e-12)) if mass.shape[1] > 1 else 0.0)
             if int(own_idx[i]) < 0:
                 continue
@@ -108,7 +109,7 @@ def routing_diagnostics(rm, tok, items: Sequence[dict], router, *, batch_size: i
     report["random"] = 1.0 / n_adapters
     report["n_prompts"] = sum(len(d["top1_hit"]) for d in per_task.values())
     report["per_task"] = {t: {k: _mean(v) for k, v in d.items()} for t, d in per_task.items()}
-    report["where"] = {t: {"top": dict(sorted(w["top"].items(), key=lambda kv: -kv[1])),
+    report["where"] = {t: {"top": dict(w["top"].most_common()),
                            "second_to_top": statistics.median(w["second_to_top"])} for t, w in where.items()}
     return report
 

@@ -30,10 +30,6 @@ def demo(library: LibraryOpt = None,
          top_k: Annotated[Optional[int], typer.Option(
              "--top-k", help="Adapters per token (arrow, default 2) or per prompt (arrow-vote, default 1).")] = None):
     """The main job on the real SmolLM2-135M: builds a demo library on first use and uses it."""
-    from quiver.demo import DEMO_ROUTERS, run_demo
+    from quiver.demo import run_demo
 
-    if router not in DEMO_ROUTERS:
-        raise typer.BadParameter(f"--router must be one of {', '.join(DEMO_ROUTERS)}, got {router!r}")
-    if top_k is not None and top_k < 1:
-        raise typer.BadParameter(f"--top-k must be at least 1, got {top_k}")
-    run_demo(library, prompt, router=router, top_k=top_k)
+    run_demo(library, prompt, router=router, top_k=top_k)  # it checks router and top-k before loading

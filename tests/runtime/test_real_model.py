@@ -64,3 +64,5 @@ def test_demo_main_job_builds_its_library_and_answers(tmp_path, capsys):
     assert "routing: Arrow's vote, top-1 per prompt" in out and "adapters carrying its tokens: date_iso 100%" in out
     with pytest.raises(ValueError, match="arrow, arrow-vote"):
         run_demo(library=tmp_path / "demo", prompts=["x"], router="moe")
+    with pytest.raises(ValueError, match="top-k must be at least 1"):
+        run_demo(library=tmp_path / "demo", prompts=["x"], router="arrow-vote", top_k=0)
