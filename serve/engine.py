@@ -90,18 +90,21 @@ class Engine:
             eos = tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
         self._default_factory = default_router
+        # the model routes over exactly ``universe``: an adapter another machine adds while this
+        # engine starts shows up in the first catalog refresh below and triggers a rebuild
         self.universe = sorted(library.names())
         if not self.universe:
             raise ValueError(f"library {library.path} has no adapters; add some before serving it")
-        self.rm = RoutedModel(model, library, router=default_router(), capacity=capacity, backend=backend)
+        self.rm = RoutedModel(model, library, adapters=self.universe, router=default_router(), capacity=capacity,
+                              backend=backend)
         self.row_weights = self.rm.bind(RowWeights())
         self._warm_up()
         self.routers = RouterCache(library, lambda: self.rm.router)
         self._gen, self._arts = None, None
         self.catalog = Catalog(frozenset(), frozenset())
+        self._pending_rebuild = False  # before the refresh, which may set it
         self._refresh(force=True)
         self._last_refresh = time.monotonic()
-        self._pending_rebuild = False
         self._head: list[int] | None = None  # the chat template's leading tokens (ArrowVote)
         self.rebuilds = 0
         # queue and batch
@@ -226,9 +229,12 @@ class Engine:
         live = self.catalog.adapters
         if any(set(adapters_used(r)) - live for r in self.running):
             return  # a running request routes over a removed adapter: wait for it to finish
+        if live - set(self.library.names()):
+            self._refresh(force=True)  # removed since the last refresh: rebuild over the new catalog next time
+            return
         self.rm.unwrap()
-        self.rm = RoutedModel(self.model, self.library, router=self._default_factory(), capacity=self.capacity,
-                              backend=self.backend, check_fingerprint=False)
+        self.rm = RoutedModel(self.model, self.library, adapters=sorted(live), router=self._default_factory(),
+                              capacity=self.capacity, backend=self.backend, check_fingerprint=False)
         self.row_weights = self.rm.bind(RowWeights())
         self._warm_up()
         self.routers.clear()

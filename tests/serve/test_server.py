@@ -390,3 +390,42 @@ def test_draining_engine_refuses_with_503(serve_library, serve_model_dir):
     assert e.value.status == 503 and e.value.body()["error"]["code"] == "server_shutting_down"
     engine.rm.unwrap()
     lib.close()
+
+
+def test_adapter_added_while_the_engine_starts_becomes_routable(lib_copy, serve_model_dir, tiny_spec, monkeypatch):
+    """Another machine adds an adapter after the engine read the library's names but before its
+    first catalog refresh: the catalog lists it, so the engine must rebuild over it rather than
+    answer 400 for an adapter it advertises."""
+    import queue
+
+    from quiver.config import compose
+    from quiver.library import Library
+    from quiver.library.synthetic import random_adapter
+    from quiver.serve import Request, Sampling, build_engine
+    from quiver.serve.engine import Engine
+    from quiver.serve.routing import RouteSpec
+
+    warm_up = Engine._warm_up
+
+    def warm_up_while_another_machine_adds(self):
+        if "late" not in self.library.names():
+            with Library.open(lib_copy) as other:
+                other.add(random_adapter(tiny_spec, "late", rank=4, alpha=8, seed=7, std=0.4), description="late")
+        warm_up(self)
+
+    monkeypatch.setattr(Engine, "_warm_up", warm_up_while_another_machine_adds)
+    lib = Library.open(lib_copy)
+    engine, _ = build_engine(compose([f"model.name={serve_model_dir}"]), lib)
+    assert "late" not in engine.universe and "late" in engine.catalog.adapters
+    events: queue.Queue = queue.Queue()
+    engine.start()
+    try:
+        engine.submit(Request(RouteSpec("single", ("late",)), [1, 2, 3], "x", Sampling(max_tokens=3), events.put))
+        while (ev := events.get(timeout=60))[0] == "text":
+            pass
+        assert ev[0] == "done", ev
+        assert "late" in engine.universe and engine.rebuilds == 1
+    finally:
+        engine.stop(timeout=60)
+        engine.rm.unwrap()
+        lib.close()
