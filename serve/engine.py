@@ -170,7 +170,10 @@ class Engine:
 
     # -- the loop -----------------------------------------------------------------------------
     def _run(self) -> None:
-        with torch.inference_mode():
+        # no_grad, not inference_mode: the step plan fuses sibling modules (q/k/v, gate/up: one
+        # routing and mixing call per group) only for inputs whose version counter proves them
+        # unmodified between the siblings, and inference tensors have none (runtime/plan.py)
+        with torch.no_grad():
             while True:
                 with self._cv:
                     if self._stopping and not self.waiting and not self.running:
@@ -249,7 +252,7 @@ class Engine:
         ``base``) finds the bank's modules in place."""
         r = self.rm.router
         routers = [self.rm.bind(r.scorer)] if getattr(r, "prompt_pass", False) else None
-        with torch.inference_mode():
+        with torch.no_grad():
             self.rm(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=False,
                     routers=routers)
 

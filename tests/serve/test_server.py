@@ -425,6 +425,9 @@ def test_adapter_added_while_the_engine_starts_becomes_routable(lib_copy, serve_
             pass
         assert ev[0] == "done", ev
         assert "late" in engine.universe and engine.rebuilds == 1
+        # the engine's steps can fuse sibling modules: it runs without inference tensors, whose
+        # missing version counter would hide q_proj / v_proj reading one unmodified input
+        assert engine.rm._engine.siblings, "no sibling modules observed in the engine's steps"
     finally:
         engine.stop(timeout=60)
         engine.rm.unwrap()
