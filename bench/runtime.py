@@ -2,6 +2,7 @@
 
     python -m quiver.bench.runtime                      # E = 4, 16, 64, 256 and PEFT at 4, 16
     python -m quiver.bench.runtime --experts 4 16 --reps 3 --device cuda
+    python -m quiver.bench.runtime --experts 16 --peft --mixed 16   # + batches mixing routings
 
 Adapters: seeded random rank-8 LoRAs on all 7 projections of all 30 layers, in a library kept
 at $QUIVER_CACHE/bench-library (built once). Router: Arrow, k=2, merge-after. Each cell is the
@@ -69,14 +70,16 @@ def time_prefill(model, ids) -> float:
 
 
 @torch.no_grad()
-def time_decode(model, ids, steps: int) -> float:
-    """Seconds per decoding step after a prefill of ``ids``."""
-    out = model(ids, use_cache=True)
+def time_decode(model, ids, steps: int, routers=None) -> float:
+    """Seconds per decoding step after a prefill of ``ids`` (``routers``: one per row, for a
+    routed model)."""
+    kw = {} if routers is None else {"routers": routers}
+    out = model(ids, use_cache=True, **kw)
     pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
     _sync(ids.device)
     t = time.perf_counter()
     for _ in range(steps):
-        out = model(nxt, past_key_values=pkv, use_cache=True)
+        out = model(nxt, past_key_values=pkv, use_cache=True, **kw)
         pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
     _sync(ids.device)
     return (time.perf_counter() - t) / steps
@@ -92,15 +95,47 @@ def measure(run_base, run_other, reps: int) -> tuple[float, float]:
     return statistics.median(b), statistics.median(o)
 
 
+def mixed_routings(model, lib: Library, names: list[str], args) -> None:
+    """Decoding steps of 8 rows, one request each, routed differently in one batch (what a
+    server's step looks like): ratios to the bare model's step at batch 8."""
+    from quiver.routing import Single
+
+    shared = Arrow(top_k=2)
+    rm = RoutedModel(model, lib, router=shared, adapters=names, backend=args.backend)
+    ids = torch.randint(0, 49152, (8, 32), generator=torch.Generator().manual_seed(1)).to(torch.device(args.device))
+    setups = {
+        "one Arrow router for all 8 rows": [shared] * 8,
+        "8 Arrow routers (8 temperatures)": [rm.bind(Arrow(top_k=2, temperature=1 + i / 10)) for i in range(8)],
+        "8 single-adapter routers": [rm.bind(Single(names[i % len(names)])) for i in range(8)],
+        "4 rows Arrow + 4 single-adapter routers": [shared] * 4 + [rm.bind(Single(names[i % len(names)]))
+                                                                     for i in range(4)],
+    }
+
+    def base():
+        with rm.bare() as m:
+            return time_decode(m, ids, args.steps)
+
+    print(f"\nDecoding steps of 8 rows with mixed routings (E={len(names)}, Arrow k=2; median of {args.reps})\n")
+    print("| routers in the batch | decode b=8 (x base) |\n|---|---|")
+    for label, routers in setups.items():
+        b, o = measure(base, lambda routers=routers: time_decode(rm, ids, args.steps, routers), args.reps)
+        print(f"| {label} | {o / b:.2f}x ({o * 1e3:.0f} ms; base {b * 1e3:.0f} ms) |")
+    rm.unwrap()
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64, 256])
+    ap.add_argument("--experts", type=int, nargs="*", default=[4, 16, 64, 256],
+                    help="library sizes E to time Arrow over (none: only --peft / --mixed)")
     ap.add_argument("--peft", type=int, nargs="*", default=[4, 16], help="E values to run PEFT's Arrow at")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=16, help="decode steps per timing")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--mixed", type=int, default=None, metavar="E",
+                    help="also time decoding steps of 8 rows whose requests have different routers (a served "
+                         "batch mixing routings), over E adapters")
     ap.add_argument("--random-weights", action="store_true",
                     help="a random model of SmolLM2-135M's shapes instead of the real weights (same speed)")
     args = ap.parse_args(argv)
@@ -111,7 +146,7 @@ def main(argv=None) -> None:
     else:
         model, _ = load_base_model("smollm2-135m", device=device, dtype=dtype, tokenizer=False)
     spec = BaseModelSpec.from_model(model)
-    lib = bench_library(spec, max(args.experts + args.peft))
+    lib = bench_library(spec, max(args.experts + args.peft + [args.mixed or 0]))
     names = lib.names()
     g = torch.Generator().manual_seed(0)
     prefill_ids = torch.randint(0, 49152, (8, 128), generator=g).to(device)
@@ -156,17 +191,21 @@ def main(argv=None) -> None:
             del peft_model, run_peft
 
     keys = ["prefill 8x128", "decode b=1", "decode b=16"]
-    print("| configuration | " + " | ".join(f"{k} (x base)" for k in keys) + " |")
-    print("|---|" + "---|" * len(keys))
-    for label, cells_ in rows:
-        print(f"| {label} | " + " | ".join(f"{o / b:.2f}x ({o * 1e3:.0f} ms)" for b, o in (cells_[k] for k in keys)) + " |")
-    base_cells = rows[0][1]
-    print("| bare base model | " + " | ".join(f"1.00x ({base_cells[k][0] * 1e3:.0f} ms)" for k in keys) + " |")
-    quiver16 = next((c for lbl, c in rows if lbl.startswith("Quiver Arrow E=16 ")), None)
-    peft16 = next((c for lbl, c in rows if lbl.startswith("PEFT create_arrow_model E=16")), None)
-    if quiver16 and peft16:
-        print("\nQuiver vs PEFT Arrow at E=16 (targets: prefill >= 3x, decode >= 2x): " + ", ".join(
-            f"{k} {peft16[k][1] / quiver16[k][1]:.1f}x" for k in keys))
+    if rows:
+        print("| configuration | " + " | ".join(f"{k} (x base)" for k in keys) + " |")
+        print("|---|" + "---|" * len(keys))
+        for label, cells_ in rows:
+            print(f"| {label} | " + " | ".join(f"{o / b:.2f}x ({o * 1e3:.0f} ms)"
+                                               for b, o in (cells_[k] for k in keys)) + " |")
+        base_cells = rows[0][1]
+        print("| bare base model | " + " | ".join(f"1.00x ({base_cells[k][0] * 1e3:.0f} ms)" for k in keys) + " |")
+        quiver16 = next((c for lbl, c in rows if lbl.startswith("Quiver Arrow E=16 ")), None)
+        peft16 = next((c for lbl, c in rows if lbl.startswith("PEFT create_arrow_model E=16")), None)
+        if quiver16 and peft16:
+            print("\nQuiver vs PEFT Arrow at E=16 (targets: prefill >= 3x, decode >= 2x): " + ", ".join(
+                f"{k} {peft16[k][1] / quiver16[k][1]:.1f}x" for k in keys))
+    if args.mixed:
+        mixed_routings(model, lib, names[:args.mixed], args)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     print(f"peak RSS of this process: {peak:.0f} MiB (base model: "
           f"{sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.0f} MiB)")

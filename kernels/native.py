@@ -118,7 +118,7 @@ def _load():
     gate.restype = i64
     fused.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, ctypes.c_float, ptr, ptr, ptr]
     fused.restype = i64
-    siblings.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr]
+    siblings.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr]
     siblings.restype = i64
     _state.update(fn=fn, gate=gate, fused=fused, siblings=siblings)
     return fn
@@ -294,21 +294,27 @@ class GateMixtureCall:
 
 def mixture_siblings_native(x: Tensor, indices: Tensor, weights: Tensor, banks: list[LoraBank],
                             outs: list[Tensor]) -> None:
-    """``outs[m] += delta_m`` for M modules reading ``x: [T, d_in]`` under one decision
-    (``indices``: bank slots, ``weights``: ``[T, k]``), in one C call: equal, module by module,
-    to :func:`mixture_lora_native` into ``outs[m]``."""
+    """``outs[m] += delta_m`` for M modules reading ``x: [T, d_in]``, in one C call: equal,
+    module by module, to :func:`mixture_lora_native` into ``outs[m]``. ``indices`` (bank slots)
+    and ``weights``: ``[T, k]``, one decision for every module, or ``[M, T, k]``, one each."""
     if _load() is None:
         raise RuntimeError(f"the native backend is unavailable: {_state['why']}")
-    M, (T, k) = len(banks), indices.shape
-    if len(outs) != M:
-        raise ValueError(f"mixture_siblings_native: {M} banks, {len(outs)} outputs")
+    M = len(banks)
+    per_module = indices.dim() == 3
+    if len(outs) != M or indices.shape != weights.shape or indices.dim() not in (2, 3) or (
+            per_module and indices.shape[0] != M):
+        raise ValueError(f"mixture_siblings_native: {M} banks, {len(outs)} outputs, indices "
+                         f"{tuple(indices.shape)} and weights {tuple(weights.shape)} ([T, k] or [{M}, T, k] wanted)")
+    T, k = indices.shape[-2:]
+    if T != x.shape[0]:
+        raise ValueError(f"mixture_siblings_native: decisions for {T} tokens, x has {x.shape[0]}")
     desc = _describe(x, banks, outs, "mixture_siblings_native")
     if not T:
         return
     x = x if x.stride(-1) == 1 else x.contiguous()
     idx, w = _as(indices, torch.int64), _as(weights, torch.float32)
-    rc = _state["siblings"](x.data_ptr(), T, x.shape[1], x.stride(0), idx.data_ptr(), w.data_ptr(), k, M, desc,
-                            _pointers(outs))
+    rc = _state["siblings"](x.data_ptr(), T, x.shape[1], x.stride(0), idx.data_ptr(), w.data_ptr(), k,
+                            T * k if per_module else 0, M, desc, _pointers(outs))
     _check(rc, T * k, banks)
 
 

@@ -233,28 +233,32 @@ done:
     return rc;
 }
 
-/* One decision (idx / w: [T, k], bank slots) mixed into M sibling modules' outputs in one call:
- * quiver_mixture_f32 per module, for routers whose decision is the same at every module (fixed
- * weights, retrieval, ArrowVote). desc and outs as for quiver_gate_mixture_f32. Returns 0; -1
- * when a sort buffer cannot be allocated; 1 + m*T*k + p for the first bad slot p of module m
- * (every module is checked before the first is computed: then nothing has been written).
+/* Decisions (idx / w: [T, k] per module, bank slots; module m's at idx + m*smod, so smod = 0
+ * shares one decision among all modules and smod = T*k gives each its own) mixed into M sibling
+ * modules' outputs in one call: quiver_mixture_f32 per module. For routers whose decision is
+ * the same at every module (fixed weights, retrieval, ArrowVote: smod = 0), and for a step's
+ * decisions assembled from several routers (smod = T*k). desc and outs as for
+ * quiver_gate_mixture_f32. Returns 0; -1 when a sort buffer cannot be allocated; 1 + m*T*k + p
+ * for the first bad slot p of module m (every module is checked before the first is computed:
+ * then nothing has been written).
  */
 int64_t quiver_mixture_siblings_f32(
     const float *x, int64_t T, int64_t d_in, int64_t sxt,
-    const int64_t *idx, const float *w, int64_t k, int64_t M, const int64_t *desc, float *const *outs)
+    const int64_t *idx, const float *w, int64_t k, int64_t smod, int64_t M, const int64_t *desc,
+    float *const *outs)
 {
     const int64_t P = T * k;
     for (int64_t m = 0; m < M; ++m) {
-        const int64_t *d = desc + m * QV_DESC;
+        const int64_t *d = desc + m * QV_DESC, *im = idx + m * smod;
         const int32_t *ranks = (const int32_t *)(intptr_t)d[7];
         for (int64_t p = 0; p < P; ++p)
-            if (idx[p] < -1 || idx[p] >= d[8] || (idx[p] >= 0 && ranks[idx[p]] > QV_MAX_RANK))
+            if (im[p] < -1 || im[p] >= d[8] || (im[p] >= 0 && ranks[im[p]] > QV_MAX_RANK))
                 return 1 + m * P + p;
     }
     for (int64_t m = 0; m < M; ++m) {
         const int64_t *d = desc + m * QV_DESC;
         const int64_t rc = quiver_mixture_f32(
-            x, T, d_in, sxt, idx, w, k,
+            x, T, d_in, sxt, idx + m * smod, w + m * smod, k,
             (const float *)(intptr_t)d[0], d[1], d[2],
             (const float *)(intptr_t)d[3], d[4], d[5], d[6],
             (const int32_t *)(intptr_t)d[7], d[8], outs[m], d[9], d[9]);

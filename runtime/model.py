@@ -130,6 +130,10 @@ class RoutedModel(nn.Module):
             eng.requests, eng.request_ids = None, None
 
     def _begin_step(self, module, args, kwargs):
+        for name in ("routers", "request_ids"):
+            if name in kwargs:  # the wrapped model would ignore it and route by the default router
+                raise TypeError(f"{name}= goes to the RoutedModel (rm(...), rm.generate(...)), not to the model it "
+                                "wraps")
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs["inputs_embeds"]

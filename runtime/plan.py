@@ -79,7 +79,11 @@ class StepPlan:
         self.runs: list[tuple[str, ...]] = []  # runs of >= 2 modules observed in this step
         self._kept_delta: dict[str, tuple[Tensor, int, Tensor]] = {}  # path -> (input, version, delta)
         self._static: dict[int, tuple[RoutingDecision, object]] = {}
+        self._assembled: dict[tuple[int, ...], tuple[RoutingDecision, None]] = {}  # static groups' (see _assemble)
+        self._orders: dict[tuple[int, ...], Tensor] = {}  # groups -> each token's row (_token_order)
+        self._blocks: dict[tuple, tuple] = {}  # the static groups' stacked decisions (_static_block)
         self._modes = [m for m in MODES if any(g.mode == m for g in groups)]
+        self._parts = {m: [g for g in groups if g.mode == m] for m in self._modes}  # groups per mixing mode
         self._impl: dict[tuple, object] = {}  # (mode, T·k, grad, dtype, device) -> backend function
         self._single = groups[0] if len(groups) == 1 and groups[0].tokens is None else None
         # prepared native calls kept across steps (see _native_gate_mixture), and the slot maps seen
@@ -106,7 +110,7 @@ class StepPlan:
             if self._single is not None:
                 decision, meta = self._decide(self._single, flat, path, src)
             else:
-                decision, meta = self._assemble(flat, path, [g for g in self.groups if g.mode == mode], src)
+                decision, meta = self._assemble(flat, path, self._parts[mode], src)
             if self.source.num_slots == 0:  # nothing loaded, even after routing: no adapter is used
                 if total is None:
                     total = flat.new_zeros(flat.shape[0], self.source.out_features(path))
@@ -172,7 +176,11 @@ class StepPlan:
             out.add_(kept[2])
             return True
         g, run = self._single, self.siblings.get(path)
-        if g is None or self.trace is not None or g.mode != "merge-after" or self.source.num_slots == 0:
+        if self.trace is not None or self.source.num_slots == 0:
+            return False
+        if g is None:
+            return self._groups_mixture(flat, path, run, src, out)
+        if g.mode != "merge-after":
             return False
         if not g.router.per_token:  # one decision for every module: mix the siblings in one call
             return run is not None and self._native_siblings(flat, run[run.index(path):], g, src, out)
@@ -251,6 +259,66 @@ class StepPlan:
             self.native_calls[key] = (call, slots, gate)
         outs = self._sibling_outputs(flat, out, banks)
         call(flat, outs)
+        self._keep_deltas(later, src, outs)
+        return True
+
+    def _groups_mixture(self, flat: Tensor, path: str, run: tuple[str, ...] | None, src: tuple[Tensor, int],
+                        out: Tensor) -> bool:
+        """A step whose requests have different routers (a served batch mixing routings): every
+        group's decisions for this module and its later siblings, assembled into one ``[M, T, k]``
+        decision and mixed in one native call (``mixture_siblings_native``): ``out +=`` this
+        module's delta, the later siblings' deltas kept. Per-token groups must be linear gates
+        that route siblings together (Arrow: one logits GEMM and one top-k call over the group's
+        tokens for all M modules); groups that decide once per step (fixed weights, one
+        adapter, none) reuse that decision at every module. The decisions, slots and arithmetic
+        are those of the per-module path (a token's row is computed as it is alone). Float32 CPU
+        steps without gradients whose backend resolves to ``native``, all groups merge-after.
+        False when it does not apply."""
+        if self._modes != ["merge-after"] or not self._native_ok(flat, out) or (
+                torch.is_grad_enabled() and flat.requires_grad):
+            return False
+        later = run[run.index(path):] if run is not None else (path,)
+        parts = self._parts["merge-after"]
+        gates = []
+        for g in parts:
+            gate = None
+            if g.router.per_token:
+                if g.slots is None or (len(later) > 1 and not g.router.fuses_siblings):
+                    return False
+                gate = g.router.linear_gate(later, flat.device, flat.dtype)
+                if gate is None or gate.top_k > native.MAX_K or (torch.is_grad_enabled() and gate.weight.requires_grad):
+                    return False
+            gates.append(gate)
+        banks = [self.source.bank_of(p) for p in later]
+        if torch.is_grad_enabled() and any(b.A.requires_grad or b.B.requires_grad for b in banks):
+            return False
+        k = max(min(gate.top_k, gate.weight.shape[1] // len(later)) if gate is not None
+                else self._decide(g, flat, path, src)[0].indices.shape[1] for g, gate in zip(parts, gates))
+        if not self._runs_native("groups", flat, banks[0], flat, flat.shape[0] * k) or not all(
+                native.supports_bank(b) for b in banks):
+            return False
+        M, dyn = len(later), [(g, gate) for g, gate in zip(parts, gates) if gate is not None]
+        block, order = self._static_block(parts, [g for g, gate in zip(parts, gates) if gate is None], dyn, flat, k,
+                                          path, src)
+        if dyn:
+            idx_parts, w_parts = [], []
+            for g, gate in dyn:
+                i, w = native.linear_gate_native(flat if g.tokens is None else flat.index_select(0, g.tokens),
+                                                 gate.weight, gate.present, M, gate.absolute, gate.top_k,
+                                                 gate.temperature)  # [M, T_g, k_g], router-local
+                if not g.identity:
+                    i = torch.where(i >= 0, g.slots[i.clamp_min(0)], -1)
+                if i.shape[2] < k:
+                    i = torch.cat([i, i.new_full((M, i.shape[1], k - i.shape[2]), -1)], dim=2)
+                    w = torch.cat([w, w.new_zeros(M, w.shape[1], k - w.shape[2])], dim=2)
+                idx_parts.append(i)
+                w_parts.append(w.to(flat.dtype))
+            idx = torch.cat(idx_parts + [block[0].expand(M, -1, -1)], dim=1).index_select(1, order)
+            w = torch.cat(w_parts + [block[1].expand(M, -1, -1)], dim=1).index_select(1, order)
+        else:  # every group decides once per step: one decision, the same at every module
+            idx, w = block
+        outs = self._sibling_outputs(flat, out, banks)
+        native.mixture_siblings_native(flat, idx, w, banks, outs)
         self._keep_deltas(later, src, outs)
         return True
 
@@ -351,18 +419,59 @@ class StepPlan:
 
     def _assemble(self, flat: Tensor, path: str, parts: list[Group], src):
         """One ``[T, k]`` decision from the groups of one mixing mode (-1 where a group has no
-        slot or the token is another mode's)."""
+        slot or the token is another mode's).
+
+        The groups' decisions are padded to ``k`` slots, stacked in group order with one more
+        row of -1 / 0 for the tokens no group of this mode covers, and put in token order by one
+        gather (``_token_order``: where each token's row is, computed once per step); when every
+        group decides once per step (fixed weights, one adapter, no adapter) the assembled
+        decision is the same at every module and is kept for the step."""
         if len(parts) == 1 and parts[0].tokens is None:
             return self._decide(parts[0], flat, path, src)
-        decisions = [(g.tokens, self._decide(g, flat, path, src)[0]) for g in parts]
-        T = flat.shape[0]
-        k = max(d.indices.shape[1] for _, d in decisions)
-        idx = torch.full((T, k), -1, dtype=torch.int64, device=flat.device)
-        w = flat.new_zeros(T, k)
-        for tok, d in decisions:
-            idx[tok, : d.indices.shape[1]] = d.indices
-            w[tok, : d.weights.shape[1]] = d.weights.to(w.dtype)
-        return RoutingDecision(idx, w), None
+        key = tuple(g.index for g in parts)
+        hit = self._assembled.get(key)
+        if hit is not None:
+            return hit
+        decisions = [self._decide(g, flat, path, src)[0] for g in parts]
+        k = max(d.indices.shape[1] for d in decisions)
+        idx = torch.cat([_pad_slots(d.indices, k, -1) for d in decisions]
+                        + [torch.full((1, k), -1, dtype=torch.int64, device=flat.device)])
+        w = torch.cat([_pad_slots(d.weights.to(flat.dtype), k, 0) for d in decisions] + [flat.new_zeros(1, k)])
+        order = self._token_order(key, parts, flat.shape[0], flat.device)
+        assembled = RoutingDecision(idx.index_select(0, order), w.index_select(0, order)), None
+        if all(not g.router.per_token for g in parts):
+            self._assembled[key] = assembled
+        return assembled
+
+    def _static_block(self, parts: list[Group], static: list[Group], dyn: list, flat: Tensor, k: int, path: str,
+                      src):
+        """For :meth:`_groups_mixture`, once per step: the groups that decide once per step, their
+        decisions (bank slots) padded to ``k`` and stacked, with one more row of -1 / 0 for
+        tokens no group covers; and each token's row in ``[per-token groups' rows..., that
+        block]``. Without per-token groups the block is put in token order: the whole step's
+        decision."""
+        key = ("static", tuple(g.index for g in parts), k)
+        hit = self._blocks.get(key)
+        if hit is None:
+            ds = [self._decide(g, flat, path, src)[0] for g in static]  # kept for the step by _decide
+            idx = torch.cat([_pad_slots(d.indices, k, -1) for d in ds]
+                            + [torch.full((1, k), -1, dtype=torch.int64, device=flat.device)])
+            w = torch.cat([_pad_slots(d.weights.to(flat.dtype), k, 0) for d in ds] + [flat.new_zeros(1, k)])
+            order = self._token_order(tuple(g.index for g, _ in dyn) + tuple(g.index for g in static),
+                                      [g for g, _ in dyn] + static, flat.shape[0], flat.device)
+            hit = self._blocks[key] = ((idx, w), order) if dyn else ((idx[order], w[order]), None)
+        return hit
+
+    def _token_order(self, key: tuple[int, ...], parts: list[Group], T: int, device) -> Tensor:
+        """int64 ``[T]``: token t's row in the groups' stacked decisions (the last row, -1 / 0,
+        for a token none of ``parts`` covers). Once per step and set of groups."""
+        order = self._orders.get(key)
+        if order is None:
+            covered = torch.cat([g.tokens for g in parts])  # groups partition the step's tokens
+            order = torch.full((T,), covered.numel(), dtype=torch.int64, device=device)
+            order[covered] = torch.arange(covered.numel(), device=device)
+            self._orders[key] = order
+        return order
 
     def _decide(self, g: Group, flat: Tensor, path: str, src=None):
         static = not g.router.per_token  # one decision per step, reused by every module
@@ -384,6 +493,11 @@ class StepPlan:
         if static:
             self._static[g.index] = (decision, meta)
         return decision, meta
+
+
+def _pad_slots(t: Tensor, k: int, value) -> Tensor:
+    """``t: [T_g, k_g]`` widened to ``k`` slots with ``value``."""
+    return t if t.shape[1] == k else torch.cat([t, t.new_full((t.shape[0], k - t.shape[1]), value)], dim=1)
 
 
 class Engine:

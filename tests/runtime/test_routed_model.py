@@ -48,6 +48,19 @@ def test_logits_without_no_grad_and_unwrap(tiny_model, lib6):
 
 
 @torch.no_grad()
+def test_routers_given_to_the_wrapped_model_are_refused(tiny_model, lib6):
+    """``rm.model(ids, routers=...)`` would reach the transformers model, which ignores unknown
+    keyword arguments: every row would route by the default router. It is an error instead."""
+    rm = RoutedModel(copy.deepcopy(tiny_model), lib6, router=Arrow(top_k=2))
+    for kw in ({"routers": [Single("a1")] * 2}, {"request_ids": torch.zeros(2, 7, dtype=torch.long)}):
+        with pytest.raises(TypeError, match="goes to the RoutedModel"):
+            rm.model(IDS, **kw)
+    assert rm._engine.plan is None  # nothing left half-begun
+    torch.testing.assert_close(rm(IDS, routers=[Single("a1")] * 2).logits,
+                               merged_model(tiny_model, lib6, {"a1": 1.0})(IDS).logits, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
 def test_mixed_batch_generation_equals_each_request_alone(tiny_model, lib6):
     # Three left-padded requests, three routers: Arrow over the library, one adapter, fixed weights.
     prompts = [[5, 9, 13, 17, 21], [8, 16, 24], [40, 41, 42, 43]]

@@ -527,3 +527,51 @@ def test_prepared_native_calls_are_reused_across_steps_and_never_stale(tiny_mode
     made.clear()
     same(arrow)  # back again: loaded anew into other slots
     assert made
+
+
+@torch.no_grad()
+@pytest.mark.skipif(not native.available(), reason="no C compiler for the native backend")
+@pytest.mark.parametrize("capacity", [None, 16], ids=["unbounded", "capacity16"])
+def test_mixed_router_steps_mix_every_group_in_one_native_call(tiny_model, lib9, monkeypatch, capacity):
+    """Rows with different routers in one step (a served batch): Arrow over all adapters, Arrow
+    top-1 over three at another temperature, fixed weights, one adapter, a uniform mixture. Each
+    group of sibling modules is routed group by group and mixed in one native call (counted);
+    the logits equal the reference backend's and each row's logits run alone, and a KV-cache
+    generation gives the reference's tokens and each row's own tokens alone. A router that is no
+    linear gate (MoE) in the batch takes the per-module path, with the same results."""
+    group_calls = []
+    real = native.mixture_siblings_native
+    monkeypatch.setattr(native, "mixture_siblings_native",
+                        lambda x, idx, *a: group_calls.append(idx.dim()) or real(x, idx, *a))
+    routers = [Arrow(top_k=2, adapters=TASK_ADAPTERS), Arrow(top_k=1, temperature=0.5, adapters=["a0", "a2", "a4"]),
+               Fixed({"a0": 0.6, "a4": 0.4}), Single("a1"), Uniform(["a2", "a3"])]
+    rm = RoutedModel(copy.deepcopy(tiny_model), lib9, capacity=capacity)
+    ref = RoutedModel(copy.deepcopy(tiny_model), lib9, backend="reference")
+    for r in routers:
+        rm.bind(r), ref.bind(r)
+    prompts = PROMPTS[:5]
+    ids, mask, width = left_padded(prompts)
+    gen = rm.generate(input_ids=ids, attention_mask=mask, routers=routers, max_new_tokens=5, do_sample=False,
+                      pad_token_id=0)
+    # the prefill: 2 layers × 7 modules alone (it teaches the siblings); then 4 decoding steps ×
+    # 2 layers × 4 groups of siblings (q/k/v, o, gate/up, down)
+    assert group_calls.count(3) == 2 * 7 + 4 * 2 * 4, group_calls
+    assert gen.tolist() == ref.generate(input_ids=ids, attention_mask=mask, routers=routers, max_new_tokens=5,
+                                        do_sample=False, pad_token_id=0).tolist()
+    for i, (p, r) in enumerate(zip(prompts, routers)):
+        alone = rm.generate(input_ids=torch.tensor([p]), routers=[r], max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert gen[i, width:].tolist() == alone[0, len(p):].tolist(), f"request {i} ({type(r).__name__})"
+    step = gen[:, -1:]  # one token per row: a decoding-sized step, siblings known
+    group_calls.clear()
+    got = rm(step, routers=routers).logits
+    assert group_calls.count(3) == 2 * 4
+    torch.testing.assert_close(got, ref(step, routers=routers).logits, atol=1e-5, rtol=0)
+    for i, r in enumerate(routers):
+        torch.testing.assert_close(got[i], rm(step[i:i + 1], routers=[r]).logits[0], atol=1e-5, rtol=0)
+    moe = MoEGate(top_k=2, adapters=TASK_ADAPTERS, seed=3).eval()
+    with_moe = routers[:4] + [rm.bind(moe)]
+    ref.bind(moe)
+    group_calls.clear()
+    got = rm(step, routers=with_moe).logits
+    assert not group_calls.count(3), "a step with a router that is no linear gate used the group call"
+    torch.testing.assert_close(got, ref(step, routers=with_moe).logits, atol=1e-5, rtol=0)
