@@ -19,6 +19,8 @@ An adapter that has no factors at a module is never selected there.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -28,6 +30,46 @@ from quiver.library import embeddings as emb
 from .base import AdapterSource, LinearGate, Router, RoutingDecision, RoutingSite
 
 MODES = ("merge-after", "merge-before")
+
+
+class _Stacks:
+    """The prototypes of a list of adapters stacked per module (``protos``: ``[E, d_in]``, zero
+    rows where an adapter has no factors; ``present``: bool ``[E]``) and the gate weights built
+    from them (``gate_parts``). Shared by every Arrow router over the same adapters with the same
+    content: a server builds one router per requested (top_k, temperature), and each private copy
+    would hold E × 4,992 floats per layer of a SmolLM2-sized model twice over (~150 MB each at
+    E=256). Read-only once built."""
+
+    __slots__ = ("protos", "present", "_weights", "__weakref__")
+
+    def __init__(self, protos: list[dict[str, tuple[Tensor, float]]]):
+        self.protos: dict[str, Tensor] = {}
+        self.present: dict[str, Tensor] = {}
+        for path in sorted(set().union(*protos)):
+            d_in = next(p[path][0].numel() for p in protos if path in p)
+            P = torch.zeros(len(protos), d_in)
+            for e, p in enumerate(protos):
+                if path in p:
+                    P[e] = p[path][0]
+            self.protos[path] = P
+            self.present[path] = torch.tensor([path in p for p in protos])
+        self._weights: dict[tuple, tuple] = {}
+
+    def gate_parts(self, paths: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> tuple:
+        """``(weight [d_in, M·E], present [M, E] or None, fewest present)`` for the modules at ``paths``."""
+        key = (paths, device, dtype)
+        hit = self._weights.get(key)
+        if hit is None:
+            present = torch.stack([self.present[p] for p in paths])  # bool [M, E], on the host
+            weight = torch.cat([self.protos[p] for p in paths]).T.to(device, dtype).contiguous()  # [d_in, M·E]
+            hit = self._weights[key] = (weight, None if bool(present.all()) else present.to(device),
+                                        int(present.sum(1).min()))
+        return hit
+
+
+# adapters' content (their blob hashes, in order) -> the stacks routers over them share; an entry
+# lives while a router holds it
+_SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 class Arrow(Router):
@@ -46,6 +88,7 @@ class Arrow(Router):
         self.general = list(general or [])
         self._protos: dict[str, Tensor] = {}  # module path -> [E, d_in]; zero rows where absent
         self._present: dict[str, Tensor] = {}  # module path -> bool [E]
+        self._stacks: _Stacks | None = None  # what the two above belong to (shared, see _Stacks)
         self._gates: dict[tuple, list] = {}  # (paths, device, dtype) -> [weight, present, n_present, gate]
 
     def config(self) -> dict:
@@ -59,23 +102,20 @@ class Arrow(Router):
             mean = _mean_factors([library.get(n) for n in self.general])
             sources = [AdapterSource(f"{n}#gks[{','.join(self.general)}]", _gks_loader(library, n, mean))
                        for n in self.adapters]
-            protos = [_prototypes(s.load()) for s in sources]
+            protos = [_prototypes(s.load()) for s in sources]  # this router's own: not shared
+            self._use(_Stacks(protos))
         else:
-            protos = [library.arrow_prototypes(n) for n in self.adapters]
+            blobs = {r.name: r.blob for r in library.list()}
+            key = tuple(blobs[n] for n in self.adapters)  # content-addressed: a replaced adapter is a new key
+            stacks = _SHARED.get(key)
+            if stacks is None:
+                stacks = _SHARED[key] = _Stacks([library.arrow_prototypes(n) for n in self.adapters])
+            self._use(stacks)
         self.sources = sources
-        self._build(protos)
         return sources
 
-    def _build(self, protos: list[dict[str, tuple[Tensor, float]]]) -> None:
-        modules = sorted(set().union(*protos))
-        for path in modules:
-            d_in = next(p[path][0].numel() for p in protos if path in p)
-            P = torch.zeros(len(protos), d_in)
-            for e, p in enumerate(protos):
-                if path in p:
-                    P[e] = p[path][0]
-            self._protos[path] = P
-            self._present[path] = torch.tensor([path in p for p in protos])
+    def _use(self, stacks: _Stacks) -> None:
+        self._stacks, self._protos, self._present = stacks, stacks.protos, stacks.present
         self._gates.clear()
 
     def route(self, x: Tensor, site: RoutingSite) -> RoutingDecision:  # x: [T, d_in]
@@ -96,11 +136,8 @@ class Arrow(Router):
         work prepared for it (the step plan's native calls)."""
         key = (paths, device, dtype)
         hit = self._gates.get(key)
-        if hit is None:
-            present = torch.stack([self._present[p] for p in paths])  # bool [M, E], on the host
-            weight = torch.cat([self._protos[p] for p in paths]).T.to(device, dtype).contiguous()  # [d_in, M·E]
-            hit = self._gates[key] = [weight, None if bool(present.all()) else present.to(device),
-                                      int(present.sum(1).min()), None]
+        if hit is None:  # the weight is the shared stacks' (one per adapters, paths, device, dtype)
+            hit = self._gates[key] = [*self._stacks.gate_parts(paths, device, dtype), None]
         gate = hit[3]  # the last gate handed out here: one object while top_k and temperature stay
         if gate is None or gate.top_k != self.top_k or gate.temperature != self.temperature:
             gate = hit[3] = LinearGate(*hit[:3], len(paths), absolute=True, top_k=self.top_k,

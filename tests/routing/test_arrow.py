@@ -98,6 +98,38 @@ def test_arrow_decisions_are_top_k_and_normalised(tiny_model, lib6):
     assert torch.equal(d.indices, idx) and torch.allclose(d.weights, torch.softmax(top, -1))
 
 
+def test_routers_over_the_same_adapters_share_prototypes_and_gate_weights(tiny_spec, lib6):
+    """Arrow routers over the same adapters (a server's routers for different top_k and
+    temperature) share one copy of the prototype stacks and gate weights; a different adapter
+    list, a replaced adapter (same name, new content) or GenKnowSub get their own, and every
+    router still routes by its own adapters' prototypes."""
+    from quiver.library.synthetic import random_adapter
+
+    a, b = Arrow(top_k=2), Arrow(top_k=1, temperature=0.5)
+    a.bind(lib6, lib6.names()), b.bind(lib6, lib6.names())
+    q = "model.layers.0.self_attn.q_proj"
+    paths = (q, "model.layers.0.self_attn.k_proj")
+    cpu = torch.device("cpu")
+    assert a._protos[q] is b._protos[q]
+    assert a.linear_gate(paths, cpu, torch.float32).weight is b.linear_gate(paths, cpu, torch.float32).weight
+    assert a.linear_gate(paths, cpu, torch.float32).top_k == 2 and b.linear_gate(paths, cpu, torch.float32).top_k == 1
+    subset = Arrow(adapters=["a0", "a2"])
+    subset.bind(lib6, lib6.names())
+    assert subset._protos[q].shape[0] == 2
+    torch.testing.assert_close(subset._protos[q], a._protos[q][[0, 2]])
+    gks = Arrow(adapters=["a4"], general=["a1"])  # GenKnowSub wants equal ranks (3)
+    gks.bind(lib6, lib6.names())
+    assert not torch.allclose(gks._protos[q][0].abs(), a._protos[q][4].abs())
+    before = a._protos[q].clone()
+    lib6.remove("a1")
+    lib6.add(random_adapter(tiny_spec, "a1", rank=3, seed=101, std=0.15))
+    c = Arrow(top_k=2)
+    c.bind(lib6, lib6.names())
+    assert c._protos[q] is not a._protos[q] and not torch.equal(c._protos[q][1], before[1])
+    torch.testing.assert_close(c._protos[q][0], before[0])
+    assert torch.equal(a._protos[q], before)  # the routers bound before keep what they routed by
+
+
 @pytest.mark.parametrize("top_k", [1, 2, 6])
 def test_route_siblings_equals_route_per_module(tiny_model, lib6, top_k):
     """One GEMM over q/k/v's stacked prototypes gives each module its own decision, including a
