@@ -534,7 +534,8 @@ def test_prepared_native_calls_are_reused_across_steps_and_never_stale(tiny_mode
 @pytest.mark.parametrize("capacity", [None, 16], ids=["unbounded", "capacity16"])
 def test_mixed_router_steps_mix_every_group_in_one_native_call(tiny_model, lib9, monkeypatch, capacity):
     """Rows with different routers in one step (a served batch): Arrow over all adapters, Arrow
-    top-1 over three at another temperature, fixed weights, one adapter, a uniform mixture. Each
+    top-1 over three at another temperature, fixed weights, one adapter, a uniform mixture, and
+    Arrow top-3 over all adapters (sharing the first router's prototypes and gate weights). Each
     group of sibling modules is routed group by group and mixed in one native call (counted);
     the logits equal the reference backend's and each row's logits run alone, and a KV-cache
     generation gives the reference's tokens and each row's own tokens alone. A router that is no
@@ -544,12 +545,13 @@ def test_mixed_router_steps_mix_every_group_in_one_native_call(tiny_model, lib9,
     monkeypatch.setattr(native, "mixture_siblings_native",
                         lambda x, idx, *a: group_calls.append(idx.dim()) or real(x, idx, *a))
     routers = [Arrow(top_k=2, adapters=TASK_ADAPTERS), Arrow(top_k=1, temperature=0.5, adapters=["a0", "a2", "a4"]),
-               Fixed({"a0": 0.6, "a4": 0.4}), Single("a1"), Uniform(["a2", "a3"])]
+               Fixed({"a0": 0.6, "a4": 0.4}), Single("a1"), Uniform(["a2", "a3"]),
+               Arrow(top_k=3, temperature=2.0, adapters=TASK_ADAPTERS)]  # shares row 0's gate weights
     rm = RoutedModel(copy.deepcopy(tiny_model), lib9, capacity=capacity)
     ref = RoutedModel(copy.deepcopy(tiny_model), lib9, backend="reference")
     for r in routers:
         rm.bind(r), ref.bind(r)
-    prompts = PROMPTS[:5]
+    prompts = PROMPTS[:6]
     ids, mask, width = left_padded(prompts)
     gen = rm.generate(input_ids=ids, attention_mask=mask, routers=routers, max_new_tokens=5, do_sample=False,
                       pad_token_id=0)
@@ -569,7 +571,7 @@ def test_mixed_router_steps_mix_every_group_in_one_native_call(tiny_model, lib9,
     for i, r in enumerate(routers):
         torch.testing.assert_close(got[i], rm(step[i:i + 1], routers=[r]).logits[0], atol=1e-5, rtol=0)
     moe = MoEGate(top_k=2, adapters=TASK_ADAPTERS, seed=3).eval()
-    with_moe = routers[:4] + [rm.bind(moe)]
+    with_moe = routers[:5] + [rm.bind(moe)]
     ref.bind(moe)
     group_calls.clear()
     got = rm(step, routers=with_moe).logits
