@@ -308,11 +308,8 @@ class StepPlan:
                                                  gate.temperature)  # [M, T_g, k_g], router-local
                 if not g.identity:
                     i = torch.where(i >= 0, g.slots[i.clamp_min(0)], -1)
-                if i.shape[2] < k:
-                    i = torch.cat([i, i.new_full((M, i.shape[1], k - i.shape[2]), -1)], dim=2)
-                    w = torch.cat([w, w.new_zeros(M, w.shape[1], k - w.shape[2])], dim=2)
-                idx_parts.append(i)
-                w_parts.append(w.to(flat.dtype))
+                idx_parts.append(_pad_slots(i, k, -1))
+                w_parts.append(_pad_slots(w.to(flat.dtype), k, 0))
             idx = torch.cat(idx_parts + [block[0].expand(M, -1, -1)], dim=1).index_select(1, order)
             w = torch.cat(w_parts + [block[1].expand(M, -1, -1)], dim=1).index_select(1, order)
         else:  # every group decides once per step: one decision, the same at every module
@@ -433,10 +430,7 @@ class StepPlan:
         if hit is not None:
             return hit
         decisions = [self._decide(g, flat, path, src)[0] for g in parts]
-        k = max(d.indices.shape[1] for d in decisions)
-        idx = torch.cat([_pad_slots(d.indices, k, -1) for d in decisions]
-                        + [torch.full((1, k), -1, dtype=torch.int64, device=flat.device)])
-        w = torch.cat([_pad_slots(d.weights.to(flat.dtype), k, 0) for d in decisions] + [flat.new_zeros(1, k)])
+        idx, w = _stack_decisions(decisions, max(d.indices.shape[1] for d in decisions), flat)
         order = self._token_order(key, parts, flat.shape[0], flat.device)
         assembled = RoutingDecision(idx.index_select(0, order), w.index_select(0, order)), None
         if all(not g.router.per_token for g in parts):
@@ -453,10 +447,8 @@ class StepPlan:
         key = ("static", tuple(g.index for g in parts), k)
         hit = self._blocks.get(key)
         if hit is None:
-            ds = [self._decide(g, flat, path, src)[0] for g in static]  # kept for the step by _decide
-            idx = torch.cat([_pad_slots(d.indices, k, -1) for d in ds]
-                            + [torch.full((1, k), -1, dtype=torch.int64, device=flat.device)])
-            w = torch.cat([_pad_slots(d.weights.to(flat.dtype), k, 0) for d in ds] + [flat.new_zeros(1, k)])
+            decisions = [self._decide(g, flat, path, src)[0] for g in static]  # _decide keeps them for the step
+            idx, w = _stack_decisions(decisions, k, flat)
             order = self._token_order(tuple(g.index for g, _ in dyn) + tuple(g.index for g in static),
                                       [g for g, _ in dyn] + static, flat.shape[0], flat.device)
             hit = self._blocks[key] = ((idx, w), order) if dyn else ((idx[order], w[order]), None)
@@ -496,8 +488,17 @@ class StepPlan:
 
 
 def _pad_slots(t: Tensor, k: int, value) -> Tensor:
-    """``t: [T_g, k_g]`` widened to ``k`` slots with ``value``."""
-    return t if t.shape[1] == k else torch.cat([t, t.new_full((t.shape[0], k - t.shape[1]), value)], dim=1)
+    """``t: [..., k_g]`` (a decision's indices or weights) widened to ``k`` slots with ``value``."""
+    return t if t.shape[-1] == k else torch.cat([t, t.new_full((*t.shape[:-1], k - t.shape[-1]), value)], dim=-1)
+
+
+def _stack_decisions(decisions: list[RoutingDecision], k: int, flat: Tensor) -> tuple[Tensor, Tensor]:
+    """Groups' decisions padded to ``k`` slots and stacked (indices int64, weights in ``flat``'s
+    dtype), with one more row of -1 / 0 for the tokens no group covers: ``[Σ T_g + 1, k]``."""
+    idx = torch.cat([_pad_slots(d.indices, k, -1) for d in decisions]
+                    + [torch.full((1, k), -1, dtype=torch.int64, device=flat.device)])
+    w = torch.cat([_pad_slots(d.weights.to(flat.dtype), k, 0) for d in decisions] + [flat.new_zeros(1, k)])
+    return idx, w
 
 
 class Engine:
