@@ -6,6 +6,14 @@ Trains a LoRA (40 steps), a MoS adapter (30), a MoE gate over 4 random adapters 
 inventory of 3 skills with 2 heads (30) on a small arithmetic + translation set, and prints the
 first, last and held-out losses. The figures are deterministic for a given torch build, so two
 versions of the code can be compared exactly (the engine rebuild left them equal to 4 decimals).
+
+    python -m quiver.bench.training --step-time [--reps 3]
+
+Times training steps on the real base model (SmolLM2-135M, fp32, the task library's recipe:
+rank-4 LoRA on q_proj/v_proj, one batch of 8 training examples per held-in task, forward and
+backward) with the vocabulary projection at the batch's target positions only, as the training
+loss does, against every position; prints both, their ratio (median of ``--reps`` alternating
+runs, in one process) and the losses, which must agree.
 """
 
 from __future__ import annotations
@@ -42,10 +50,63 @@ def tiny_model_and_tokenizer():
     return model, tok
 
 
+def step_time(reps: int) -> None:
+    """Training steps on SmolLM2-135M: logits at target positions (the loss's) vs at every position."""
+    import statistics
+    import time
+
+    from quiver.library import load_base_model
+    from quiver.tasks import HELD_IN, get_task
+    from quiver.training.adapter import frozen
+    from quiver.training.data import encode_examples, make_lm_loss, target_positions
+    from quiver.training.lora import LoraParams
+
+    model, tok = load_base_model("smollm2-135m")
+    LoraParams(model, ("q_proj", "v_proj"), rank=4, alpha=8.0, factor_init="b-random", seed=0)
+    batches = [[e.to_dict() for e in get_task(t).examples("train", 8)] for t in HELD_IN]
+    positions = sum(int(encode_examples(tok, b)["input_ids"].numel()) for b in batches)
+    kept = sum(len(target_positions(encode_examples(tok, b)["labels"])) * len(b) for b in batches)
+    with frozen(model):
+        # a lambda hides the model's signature: make_lm_loss then asks for every position's logits
+        loss_fns = {"target positions": make_lm_loss(model, tok),
+                    "every position": make_lm_loss(lambda **kw: model(**kw), tok)}
+
+        def run(fn) -> tuple[float, float]:
+            t0, total = time.perf_counter(), 0.0
+            for b in batches:
+                loss = fn(b)
+                loss.backward()
+                total += loss.item()
+            return time.perf_counter() - t0, total / len(batches)
+
+        times: dict[str, list[float]] = {k: [] for k in loss_fns}
+        losses = {}
+        for fn in loss_fns.values():
+            run(fn)  # warm-up
+        for _ in range(reps):
+            for k, fn in loss_fns.items():
+                dt, losses[k] = run(fn)
+                times[k].append(dt / len(batches))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"SmolLM2-135M fp32, {torch.get_num_threads()} threads, {len(batches)} batches of 8 "
+          f"({positions} token positions, {kept} of them projected onto the vocabulary), median of {reps}:")
+    print("| logits at | s per step | mean loss |\n|---|---|---|")
+    for k in loss_fns:
+        print(f"| {k} | {med[k]:.2f} | {losses[k]:.6f} |")
+    print(f"ratio every / target positions: {med['every position'] / med['target positions']:.2f}x")
+
+
 def main(argv=None) -> None:
     import argparse
 
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--step-time", action="store_true", help="time training steps on the real base model instead")
+    ap.add_argument("--reps", type=int, default=3, help="alternating timed runs for --step-time (default: 3)")
+    args = ap.parse_args(argv)
+    if args.reps < 1:
+        ap.error("--reps must be >= 1")
+    if args.step_time:
+        return step_time(args.reps)
     model, tok = tiny_model_and_tokenizer()
     spec = BaseModelSpec.from_model(model, "tiny-llama")
     train = [{"prompt": f"what is {i} plus {i}?", "answer": str(2 * i), "task": "math"} for i in range(1, 9)] + [

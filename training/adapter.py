@@ -17,7 +17,7 @@ from torch import nn
 from quiver.library import LoraAdapter
 from quiver.merging.mos import MoSAdapter, MoSConfig
 
-from .data import make_lm_loss, mean_loss
+from .data import make_lm_loss, mean_loss, takes_logits_to_keep
 from .lora import LoraParams
 from .loop import Trainer, TrainConfig, TrainResult
 from .mos import MoSModel
@@ -92,7 +92,8 @@ def train_mos(model: nn.Module, tok, train: Sequence[dict], name: str, *, mos: M
         wrapped = MoSModel(model, mos or MoSConfig(), targets)
         try:
             wrapped.mos.name = name
-            loss_fn = make_lm_loss(wrapped, tok, chat_template, max_length, _device(model))
+            loss_fn = make_lm_loss(wrapped, tok, chat_template, max_length, _device(model),
+                                   at_targets=takes_logits_to_keep(model))  # MoSModel passes it on
             eval_fn = (lambda: {"valid_loss": mean_loss(loss_fn, valid)}) if valid else None
             params = {k: p for k, p in wrapped.mos.named_parameters() if p.requires_grad}
             result = Trainer(params, loss_fn, train, config, eval_fn=eval_fn, modules=[wrapped.mos],

@@ -10,6 +10,7 @@ tokens only (prompt and padding are masked with -100).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -66,19 +67,58 @@ def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
 
 
+def target_positions(labels: Tensor) -> Tensor:
+    """The sequence positions whose logits the LM loss reads, in any row of the batch: ``p`` such
+    that ``labels[:, p + 1]`` is a target somewhere (1-D, sorted; empty when nothing is)."""
+    return (labels[:, 1:] != IGNORE).any(0).nonzero().flatten()
+
+
+def takes_logits_to_keep(model: Callable[..., object]) -> bool:
+    """Whether ``model``'s forward takes transformers' ``logits_to_keep`` (a causal LM's does)."""
+    # a module's __call__ is (*args, **kwargs): its forward's signature is the one that counts
+    fn = model.forward if isinstance(model, torch.nn.Module) else model
+    try:
+        return "logits_to_keep" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def batch_lm_loss(forward: Callable[..., object], batch: Mapping[str, Tensor], at_targets: bool, **kwargs) -> Tensor:
+    """:func:`lm_loss` of ``forward(input_ids, attention_mask, **kwargs)`` on an encoded batch.
+
+    ``at_targets``: pass ``logits_to_keep`` = :func:`target_positions`, so the vocabulary
+    projection runs only where the loss reads it (``forward`` must pass it on to a causal LM).
+    The answer tokens of a batch of short answers after long prompts are a small share of its
+    positions, and the LM head is about a fifth of SmolLM2-135M's multiply-adds per position,
+    forward and backward; the loss is the same mean over the same targets. A 1-D index (the union
+    over the batch's rows) is what every transformers release with ``logits_to_keep`` accepts.
+    """
+    labels = batch["labels"]
+    if not at_targets:
+        out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+        return lm_loss(out.logits, labels)
+    pos = target_positions(labels)
+    out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=pos, **kwargs)
+    return F.cross_entropy(out.logits.flatten(0, 1).float(), labels[:, pos + 1].flatten(), ignore_index=IGNORE)
+
+
 def make_lm_loss(forward: Callable[..., object], tok, chat_template: bool = True, max_length: int = 256,
-                 device=None, before: Callable[[list], None] | None = None) -> Callable[[list], Tensor]:
+                 device=None, before: Callable[[list], None] | None = None,
+                 at_targets: bool | None = None) -> Callable[[list], Tensor]:
     """A ``loss_fn(examples)`` for :class:`~quiver.training.Trainer`: encode, ``forward``, LM loss.
 
     ``before(examples)`` runs first (e.g. to tell a per-example router the batch's tasks).
+    ``at_targets``: logits only at the targets' positions (:func:`batch_lm_loss`); by default
+    when ``forward`` itself takes ``logits_to_keep``. A wrapper that passes keyword arguments
+    on to a causal LM says so with ``at_targets=True``.
     """
+    if at_targets is None:
+        at_targets = takes_logits_to_keep(forward)
 
     def loss_fn(examples: list) -> Tensor:
         if before is not None:
             before(examples)
-        batch = encode_examples(tok, examples, chat_template, max_length, device)
-        out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return lm_loss(out.logits, batch["labels"])
+        return batch_lm_loss(forward, encode_examples(tok, examples, chat_template, max_length, device), at_targets)
 
     return loss_fn
 

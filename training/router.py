@@ -14,7 +14,7 @@ from quiver.routing import LearnedRouter
 from quiver.runtime import RoutedModel
 
 from .adapter import frozen
-from .data import encode_examples, lm_loss, mean_loss
+from .data import batch_lm_loss, encode_examples, mean_loss, takes_logits_to_keep
 from .loop import Trainer, TrainConfig, TrainResult
 
 
@@ -22,14 +22,13 @@ def router_loss_fn(rm: RoutedModel, router: LearnedRouter, tok, chat_template: b
                    max_length: int = 256, with_aux: bool = True):
     """``loss_fn(examples)``: LM loss of ``rm`` routed by ``router`` (+ its auxiliary loss)."""
     device = next(rm.model.parameters()).device
+    at_targets = takes_logits_to_keep(rm.model)  # RoutedModel passes it on to the model
 
     def loss_fn(examples: list):
         router.prepare(prompts=[ex["prompt"] for ex in examples], tasks=[ex.get("task") for ex in examples])
         batch = encode_examples(tok, examples, chat_template, max_length, device)
         router.aux_loss()  # drop anything collected outside this step
-        out = rm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 routers=[router] * len(examples))  # one request per example
-        loss = lm_loss(out.logits, batch["labels"])
+        loss = batch_lm_loss(rm, batch, at_targets, routers=[router] * len(examples))  # one request per example
         aux = router.aux_loss() if with_aux else None
         return loss + aux if aux is not None else loss
 

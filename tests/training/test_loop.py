@@ -182,6 +182,105 @@ def test_labels_cover_the_answer_and_eos_only(tok):
         assert batch["labels"][i][n:].eq(-100).all()  # padding is masked
 
 
+def test_logits_only_at_targets_give_the_full_loss_and_gradient(tiny_model, tok):
+    """The loss projects onto the vocabulary only where a row of the batch has a target: the
+    same value and the same gradients as the loss over every position's logits."""
+    from quiver.training.data import lm_loss, make_lm_loss, target_positions
+
+    model = copy.deepcopy(tiny_model)
+    # prompts of different lengths, so rows' targets sit at different positions
+    batch = [{"prompt": "what is 1 plus 2?", "answer": "3"},
+             {"prompt": "what is 10 plus 11 and then some more?", "answer": "21"},
+             {"prompt": "hi", "answer": "12345"}]
+    labels = encode_examples(tok, batch, chat_template=False)["labels"]
+    pos = target_positions(labels)
+    assert 0 < len(pos) < labels.shape[1] - 1  # fewer positions than the whole batch's
+    shifted = labels[:, 1:] != -100
+    assert set(pos.tolist()) == set(shifted.nonzero()[:, 1].tolist())
+
+    def grads(loss_fn):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    sliced = make_lm_loss(model, tok, chat_template=False)
+    calls = []
+
+    def full_forward(**kw):  # no logits_to_keep in the signature: every position's logits
+        out = model(**kw)
+        calls.append(out.logits.shape)
+        return out
+
+    heads = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: heads.append(out.shape[1]))
+    try:
+        loss_a, grad_a = grads(sliced)
+    finally:
+        hook.remove()
+    assert heads == [len(pos)]  # the vocabulary projection ran at the target positions only
+    loss_b, grad_b = grads(make_lm_loss(full_forward, tok, chat_template=False))
+    assert calls and calls[0][1] == labels.shape[1]
+    enc = encode_examples(tok, batch, chat_template=False)
+    with torch.no_grad():
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        assert torch.allclose(loss_b, lm_loss(logits, enc["labels"]), atol=1e-6)
+    assert torch.allclose(loss_a, loss_b, atol=1e-6), (loss_a, loss_b)
+    assert grad_a.keys() == grad_b.keys() and grad_a
+    for n in grad_a:
+        assert torch.allclose(grad_a[n], grad_b[n], atol=1e-6, rtol=1e-5), n
+
+
+def test_router_and_mos_losses_project_only_at_targets_too(tiny_model, tiny_spec, tok, tmp_path):
+    """Router training (through RoutedModel) and MoS training (through MoSModel) pass
+    ``logits_to_keep`` on to the model: the vocabulary projection runs at the targets only, and
+    the loss equals the one over every position's logits."""
+    from quiver.library.synthetic import random_adapter
+    from quiver.routing import MoEGate
+    from quiver.training import MoSModel
+    from quiver.training.data import lm_loss, make_lm_loss, target_positions
+    from quiver.training.router import router_loss_fn
+
+    batch = [{"prompt": "what is 1 plus 2?", "answer": "3"}, {"prompt": "hi", "answer": "12345"}]
+    enc = encode_examples(tok, batch, chat_template=False)
+    n_pos = len(target_positions(enc["labels"]))
+    assert n_pos < enc["labels"].shape[1] - 1
+
+    def projected(model, fn):
+        heads = []
+        hook = model.lm_head.register_forward_hook(lambda m, args, out: heads.append(out.shape[1]))
+        try:
+            with torch.no_grad():
+                return fn(), heads
+        finally:
+            hook.remove()
+
+    lib = Library.open(tmp_path / "lib", base_model=tiny_spec)
+    for i in range(2):
+        lib.add(random_adapter(tiny_spec, f"a{i}", rank=4, seed=i, std=0.2))
+    rm = RoutedModel(copy.deepcopy(tiny_model), lib)
+    gate = MoEGate(top_k=1)
+    rm.bind(gate)
+    routed_loss = router_loss_fn(rm, gate, tok, chat_template=False, with_aux=False)
+    loss, heads = projected(rm.model, lambda: routed_loss(batch))
+    assert heads == [n_pos]
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    full, heads = projected(rm.model, lambda: lm_loss(rm(input_ids=ids, attention_mask=mask, routers=[gate] * 2).logits,
+                                                      enc["labels"]))
+    assert heads == [enc["labels"].shape[1]] and torch.allclose(loss, full, atol=1e-6), (loss, full)
+
+    wrapped = MoSModel(copy.deepcopy(tiny_model))
+    try:
+        losses = {}
+        for at in (True, False):
+            mos_loss = make_lm_loss(wrapped, tok, False, at_targets=at)
+            losses[at], heads = projected(wrapped.model, lambda: mos_loss(batch))
+            assert heads == [n_pos if at else enc["labels"].shape[1]]
+        assert torch.allclose(losses[True], losses[False], atol=1e-6), losses
+    finally:
+        wrapped.remove()
+
+
 def test_mos_training_lowers_loss(tiny_model, tok):
     from quiver.merging.mos import MoSConfig
 
