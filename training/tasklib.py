@@ -13,10 +13,10 @@ the 12 tasks (``docs/routability.md``): the own adapter on top for 100% of held-
 instead of 77%, Arrow top-2 at 0.67 of the oracle's exact match instead of 0.61, the oracle
 itself one prompt in 72 lower. The budget is part of the recipe: 100 steps instead of 30 lowered
 the validation loss and raised the oracle, but two tasks' prompts stopped routing to their own
-adapters (``docs/routability.md``, "The budget under the shipped recipe"). Each task trains with its own seed (``crc32(task name)``),
-which sets the random factor and the data order: with one seed for all, every adapter would
-start alike and after a short training share one row space, so Arrow's prototypes could not
-tell the adapters apart. Each directory also holds ``training.json``: the recipe, the loss
+adapters (``docs/routability.md``, "The budget under the shipped recipe"). Each task trains
+with its own seed (``crc32(task name)``), which sets the random factor and the data order: with
+one seed for all, every adapter would start alike and after a short training share one row
+space, so Arrow's prototypes could not tell the adapters apart. Each directory also holds ``training.json``: the recipe, the loss
 curve, the validation loss and the wall time.
 
 Options beyond the recipe (``--init``, ``--lr-a-ratio``; their routing is measured in
