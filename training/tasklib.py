@@ -16,8 +16,8 @@ the validation loss and raised the oracle, but two tasks' prompts stopped routin
 adapters (``docs/routability.md``, "The budget under the shipped recipe"). Each task trains
 with its own seed (``crc32(task name)``), which sets the random factor and the data order: with
 one seed for all, every adapter would start alike and after a short training share one row
-space, so Arrow's prototypes could not tell the adapters apart. Each directory also holds ``training.json``: the recipe, the loss
-curve, the validation loss and the wall time.
+space, so Arrow's prototypes could not tell the adapters apart. Each directory also holds
+``training.json``: the recipe, the loss curve, the validation loss and the wall time.
 
 Options beyond the recipe (``--init``, ``--lr-a-ratio``; their routing is measured in
 ``docs/routability.md``): ``init="a-random"`` is PEFT's initialisation (A random, B = 0), the
