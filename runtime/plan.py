@@ -298,9 +298,9 @@ class StepPlan:
                 native.supports_bank(b) for b in banks):
             return False
         M, dyn = len(later), [(g, gate) for g, gate in zip(parts, gates) if gate is not None]
-        block, order = self._static_block(parts, [g for g, gate in zip(parts, gates) if gate is None], dyn, flat, k,
-                                          path, src)
         if dyn:
+            block, order = self._static_block(parts, [g for g, gate in zip(parts, gates) if gate is None], dyn, flat,
+                                              k, path, src)
             idx_parts, w_parts = [], []
             for g, gate in dyn:
                 i, w = native.linear_gate_native(flat if g.tokens is None else flat.index_select(0, g.tokens),
@@ -312,8 +312,9 @@ class StepPlan:
                 w_parts.append(_pad_slots(w.to(flat.dtype), k, 0))
             idx = torch.cat(idx_parts + [block[0].expand(M, -1, -1)], dim=1).index_select(1, order)
             w = torch.cat(w_parts + [block[1].expand(M, -1, -1)], dim=1).index_select(1, order)
-        else:  # every group decides once per step: one decision, the same at every module
-            idx, w = block
+        else:  # every group decides once per step: the per-module path's decision, kept for the step
+            decision = self._assemble(flat, path, parts, src)[0]
+            idx, w = decision.indices, decision.weights
         outs = self._sibling_outputs(flat, out, banks)
         native.mixture_siblings_native(flat, idx, w, banks, outs)
         self._keep_deltas(later, src, outs)
@@ -439,11 +440,10 @@ class StepPlan:
 
     def _static_block(self, parts: list[Group], static: list[Group], dyn: list, flat: Tensor, k: int, path: str,
                       src):
-        """For :meth:`_groups_mixture`, once per step: the groups that decide once per step, their
-        decisions (bank slots) padded to ``k`` and stacked, with one more row of -1 / 0 for
-        tokens no group covers; and each token's row in ``[per-token groups' rows..., that
-        block]``. Without per-token groups the block is put in token order: the whole step's
-        decision."""
+        """For :meth:`_groups_mixture` in a step with per-token groups (``dyn``), once per step: the
+        groups that decide once per step, their decisions (bank slots) padded to ``k`` and
+        stacked, with one more row of -1 / 0 for tokens no group covers; and each token's row in
+        ``[per-token groups' rows..., that block]``."""
         key = ("static", tuple(g.index for g in parts), k)
         hit = self._blocks.get(key)
         if hit is None:
@@ -451,7 +451,7 @@ class StepPlan:
             idx, w = _stack_decisions(decisions, k, flat)
             order = self._token_order(tuple(g.index for g, _ in dyn) + tuple(g.index for g in static),
                                       [g for g, _ in dyn] + static, flat.shape[0], flat.device)
-            hit = self._blocks[key] = ((idx, w), order) if dyn else ((idx[order], w[order]), None)
+            hit = self._blocks[key] = ((idx, w), order)
         return hit
 
     def _token_order(self, key: tuple[int, ...], parts: list[Group], T: int, device) -> Tensor:

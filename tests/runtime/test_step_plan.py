@@ -577,3 +577,10 @@ def test_mixed_router_steps_mix_every_group_in_one_native_call(tiny_model, lib9,
     got = rm(step, routers=with_moe).logits
     assert not group_calls.count(3), "a step with a router that is no linear gate used the group call"
     torch.testing.assert_close(got, ref(step, routers=with_moe).logits, atol=1e-5, rtol=0)
+    static = routers[2:5]  # fixed weights, one adapter, a uniform mixture: each decides once per step
+    group_calls.clear()
+    got = rm(step[2:5], routers=static).logits
+    assert group_calls == [2] * (2 * 4), group_calls  # one [T, k] decision for the step, in each group call
+    torch.testing.assert_close(got, ref(step[2:5], routers=static).logits, atol=1e-5, rtol=0)
+    for i, r in enumerate(static):
+        torch.testing.assert_close(got[i], rm(step[2 + i:3 + i], routers=[r]).logits[0], atol=1e-5, rtol=0)
