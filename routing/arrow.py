@@ -86,10 +86,8 @@ class Arrow(Router):
             raise ValueError(f"Arrow: mode must be one of {MODES}, got {mode!r}")
         self.top_k, self.temperature, self.mode = top_k, temperature, mode
         self.general = list(general or [])
-        self._protos: dict[str, Tensor] = {}  # module path -> [E, d_in]; zero rows where absent
-        self._present: dict[str, Tensor] = {}  # module path -> bool [E]
-        self._stacks: _Stacks | None = None  # what the two above belong to (shared, see _Stacks)
-        self._gates: dict[tuple, list] = {}  # (paths, device, dtype) -> [weight, present, n_present, gate]
+        self._stacks: _Stacks | None = None  # prototypes and gate weights once bound (shared, see _Stacks)
+        self._gates: dict[tuple, LinearGate] = {}  # (paths, device, dtype) -> the last gate handed out
 
     def config(self) -> dict:
         return {"top_k": self.top_k, "temperature": self.temperature, "mode": self.mode, "general": self.general}
@@ -115,8 +113,13 @@ class Arrow(Router):
         return sources
 
     def _use(self, stacks: _Stacks) -> None:
-        self._stacks, self._protos, self._present = stacks, stacks.protos, stacks.present
+        self._stacks = stacks
         self._gates.clear()
+
+    @property
+    def _protos(self) -> dict[str, Tensor]:
+        """module path -> ``[E, d_in]`` prototypes (zero rows where an adapter is absent)."""
+        return self._stacks.protos if self._stacks is not None else {}
 
     def route(self, x: Tensor, site: RoutingSite) -> RoutingDecision:  # x: [T, d_in]
         return self.route_siblings(x, [site])[0]
@@ -135,13 +138,11 @@ class Arrow(Router):
         same LinearGate object is returned while they stay unchanged, so that callers can keep
         work prepared for it (the step plan's native calls)."""
         key = (paths, device, dtype)
-        hit = self._gates.get(key)
-        if hit is None:  # the weight is the shared stacks' (one per adapters, paths, device, dtype)
-            hit = self._gates[key] = [*self._stacks.gate_parts(paths, device, dtype), None]
-        gate = hit[3]  # the last gate handed out here: one object while top_k and temperature stay
+        gate = self._gates.get(key)  # the last gate handed out here: one object while top_k and temperature stay
         if gate is None or gate.top_k != self.top_k or gate.temperature != self.temperature:
-            gate = hit[3] = LinearGate(*hit[:3], len(paths), absolute=True, top_k=self.top_k,
-                                       temperature=self.temperature)
+            # the weight is the shared stacks' (one per adapters, paths, device, dtype)
+            gate = self._gates[key] = LinearGate(*self._stacks.gate_parts(paths, device, dtype), len(paths),
+                                                 absolute=True, top_k=self.top_k, temperature=self.temperature)
         return gate
 
 
