@@ -64,8 +64,9 @@ def step_time(reps: int) -> None:
     model, tok = load_base_model("smollm2-135m")
     LoraParams(model, ("q_proj", "v_proj"), rank=4, alpha=8.0, factor_init="b-random", seed=0)
     batches = [[e.to_dict() for e in get_task(t).examples("train", 8)] for t in HELD_IN]
-    positions = sum(int(encode_examples(tok, b)["input_ids"].numel()) for b in batches)
-    kept = sum(len(target_positions(encode_examples(tok, b)["labels"])) * len(b) for b in batches)
+    labels = [encode_examples(tok, b)["labels"] for b in batches]
+    positions = sum(lab.numel() for lab in labels)
+    kept = sum(len(target_positions(lab)) * lab.shape[0] for lab in labels)
     with frozen(model):
         # a lambda hides the model's signature: make_lm_loss then asks for every position's logits
         loss_fns = {"target positions": make_lm_loss(model, tok),

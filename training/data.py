@@ -64,7 +64,11 @@ def encode_examples(tok, examples: Sequence[Mapping], chat_template: bool = True
 
 def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean next-token cross-entropy over positions whose label is not -100."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    return _mean_ce(logits[:, :-1], labels[:, 1:])
+
+
+def _mean_ce(logits: Tensor, targets: Tensor) -> Tensor:  # logits [B, L, V] scored against targets [B, L]
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
 
 def target_positions(labels: Tensor) -> Tensor:
@@ -99,7 +103,7 @@ def batch_lm_loss(forward: Callable[..., object], batch: Mapping[str, Tensor], a
         return lm_loss(out.logits, labels)
     pos = target_positions(labels)
     out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=pos, **kwargs)
-    return F.cross_entropy(out.logits.flatten(0, 1).float(), labels[:, pos + 1].flatten(), ignore_index=IGNORE)
+    return _mean_ce(out.logits, labels[:, pos + 1])
 
 
 def make_lm_loss(forward: Callable[..., object], tok, chat_template: bool = True, max_length: int = 256,
