@@ -3,6 +3,7 @@
     python -m quiver.bench.runtime                      # E = 4, 16, 64, 256 and PEFT at 4, 16
     python -m quiver.bench.runtime --experts 4 16 --reps 3 --device cuda
     python -m quiver.bench.runtime --experts 16 --peft --mixed 16   # + batches mixing routings
+    python -m quiver.bench.runtime --gate-screen                    # Arrow's gates alone, bfloat16 screen
 
 Adapters: seeded random rank-8 LoRAs on all 7 projections of all 30 layers, in a library kept
 at $QUIVER_CACHE/bench-library (built once). Router: Arrow, k=2, merge-after. Each cell is the
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from quiver.kernels import native
 from quiver.library import BaseModelSpec, Library, load_base_model
 from quiver.library.base_model import default_cache_dir
 from quiver.library.synthetic import SMOLLM2_135M, random_adapter
@@ -85,14 +87,16 @@ def time_decode(model, ids, steps: int, routers=None) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def measure(run_base, run_other, reps: int) -> tuple[float, float]:
-    """Median seconds of base and other, alternating, after one warm-up each."""
-    run_base(), run_other()
-    b, o = [], []
+def measure(run_base, run_other, reps: int, *more) -> tuple[float, ...]:
+    """Median seconds of base, other (and each of ``more``), alternating, after one warm-up each."""
+    runs = (run_base, run_other, *more)
+    for run in runs:
+        run()
+    times = [[] for _ in runs]
     for _ in range(reps):
-        b.append(run_base())
-        o.append(run_other())
-    return statistics.median(b), statistics.median(o)
+        for run, ts in zip(runs, times):
+            ts.append(run())
+    return tuple(statistics.median(ts) for ts in times)
 
 
 def mixed_routings(model, lib: Library, names: list[str], args) -> None:
@@ -123,6 +127,48 @@ def mixed_routings(model, lib: Library, names: list[str], args) -> None:
     rm.unwrap()
 
 
+def gate_screen_table(sizes: list[int], tokens: list[int], reps: int) -> None:
+    """The gates alone, as one forward calls them (30 layers × the 4 groups of sibling modules of
+    SmolLM2-135M: q/k/v, o, gate/up, down), random unit prototypes: the float32 GEMM against the
+    bfloat16 screen (forced on, every size), each the native gate's whole decision."""
+    from quiver.routing.base import GateScreen
+
+    if not native.available():
+        raise SystemExit(f"--gate-screen needs the native backend: {native.unavailable()}")
+    groups = [(576, 3), (576, 1), (576, 2), (1536, 1)]  # (d_in, sibling modules)
+    amx = native._bf16_gemm_fast()
+    print(f"\nArrow's gates alone (k=2), 30 layers x 4 groups, {torch.get_num_threads()} threads, median of {reps}; "
+          f"bfloat16 matrix units (AMX): {'yes' if amx else 'no: the bfloat16 GEMM is slow here'}\n")
+    print("| E | tokens | float32 GEMM | bfloat16 screen | ratio | columns in float32 |\n|---|---|---|---|---|---|")
+    keep = (native.SCREEN, native.SCREEN_MIN_WORK, dict(native._state))
+    native._state["amx"], native.SCREEN_MIN_WORK = True, 1
+    g = torch.Generator().manual_seed(0)
+    try:
+        for E in sizes:
+            gates = []
+            for _ in range(30):
+                for d, M in groups:
+                    rows = torch.nn.functional.normalize(torch.randn(M * E, d, generator=g), dim=1)
+                    gates.append((rows.T, GateScreen.of(rows), M))
+            for T in tokens:
+                xs = {d: torch.randn(T, d, generator=g) for d in (576, 1536)}
+
+                def run(screen: bool) -> float:
+                    native.SCREEN = screen
+                    t = time.perf_counter()
+                    for W, screen_, M in gates:
+                        native.linear_gate_native(xs[W.shape[0]], W, None, M, True, 2, 1.0, screen_)
+                    return time.perf_counter() - t
+                before = native.screen_stats()
+                f32, low = measure(lambda: run(False), lambda: run(True), reps)
+                after = native.screen_stats()
+                share = (after["exact"] - before["exact"]) / (after["columns"] - before["columns"])
+                print(f"| {E} | {T} | {f32 * 1e3:.1f} ms | {low * 1e3:.1f} ms | {low / f32:.2f}x | {share:.2%} |")
+    finally:
+        native.SCREEN, native.SCREEN_MIN_WORK = keep[0], keep[1]
+        native._state["amx"] = keep[2].get("amx", amx)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experts", type=int, nargs="*", default=[4, 16, 64, 256],
@@ -136,9 +182,18 @@ def main(argv=None) -> None:
     ap.add_argument("--mixed", type=int, default=None, metavar="E",
                     help="also time decoding steps of 8 rows whose requests have different routers (a served "
                          "batch mixing routings), over E adapters")
+    ap.add_argument("--screen-ab", action="store_true",
+                    help="for libraries whose Arrow gates have a bfloat16 screen (E >= 32), also time the same "
+                         "model with the float32 gate GEMM, alternating with the other runs")
+    ap.add_argument("--gate-screen", action="store_true",
+                    help="only time Arrow's gates alone at SmolLM2's shapes, float32 GEMM against the bfloat16 "
+                         "screen, over E = 64, 128, 256 and 16 to 1,024 tokens (no model; a few minutes)")
     ap.add_argument("--random-weights", action="store_true",
                     help="a random model of SmolLM2-135M's shapes instead of the real weights (same speed)")
     args = ap.parse_args(argv)
+    if args.gate_screen:
+        gate_screen_table([64, 128, 256], [16, 64, 128, 256, 1024], args.reps)
+        return
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     if args.random_weights:
@@ -154,27 +209,47 @@ def main(argv=None) -> None:
     prompt16 = torch.randint(0, 49152, (16, 32), generator=g).to(device)
     print(f"SmolLM2-135M{' (random weights)' if args.random_weights else ''} {args.dtype} on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"Arrow k=2, rank-8 adapters on 7 projections x 30 layers; median of {args.reps}\n")
-    rows = []
+    rows, screened = [], []
 
-    def cells(label, run):  # run(fn) -> the model in the right state
-        with_base = {}
+    def cells(labels, run):  # run(fn) -> (base seconds, seconds of each labelled configuration)
+        with_base = [{} for _ in labels]
         for key, fn in (("prefill 8x128", lambda m: time_prefill(m, prefill_ids)),
                         ("decode b=1", lambda m: time_decode(m, prompt1, args.steps)),
                         ("decode b=16", lambda m: time_decode(m, prompt16, args.steps))):
-            with_base[key] = run(fn)
-        rows.append((label, with_base))
+            b, *others = run(fn)
+            for cell, o in zip(with_base, others):
+                cell[key] = (b, o)
+        rows.extend(zip(labels, with_base))
 
     for E in args.experts:
-        rm = RoutedModel(model, lib, router=Arrow(top_k=2), adapters=names[:E], backend=args.backend)
+        router = Arrow(top_k=2)
+        rm = RoutedModel(model, lib, router=router, adapters=names[:E], backend=args.backend)
+        paths = ("model.layers.0.self_attn.o_proj",)
+        ab = args.screen_ab and router.linear_gate(paths, device, dtype).screen is not None
 
-        def run(fn, rm=rm):
+        def run(fn, rm=rm, ab=ab):
             def base():
                 with rm.bare() as m:
                     return fn(m)
-            return measure(base, lambda: fn(rm.model), args.reps)
 
-        cells(f"Quiver Arrow E={E}", run)
-        rows[-1] = (f"Quiver Arrow E={E} (bank {rm.bank.memory_bytes() / 2**20:.0f} MiB)", rows[-1][1])
+            def unscreened():  # the same model and gates, the float32 GEMM at every size
+                native.SCREEN = False
+                try:
+                    return fn(rm.model)
+                finally:
+                    native.SCREEN = True
+            return measure(base, lambda: fn(rm.model), args.reps, *([unscreened] if ab else []))
+
+        before = native.screen_stats()
+        label = f"Quiver Arrow E={E}"
+        cells([label] + ([f"Quiver Arrow E={E}, float32 gate GEMM (no screen)"] if ab else []), run)
+        at = next(i for i, (lbl, _) in enumerate(rows) if lbl == label)
+        rows[at] = (f"{label} (bank {rm.bank.memory_bytes() / 2**20:.0f} MiB)", rows[at][1])
+        after = native.screen_stats()
+        if after["columns"] > before["columns"]:
+            exact = after["exact"] - before["exact"]
+            screened.append(f"E={E}: {exact / (after['columns'] - before['columns']):.2%} of the gate columns "
+                            f"computed in float32 ({exact / (after['calls'] - before['calls']):.1f} per call)")
         rm.unwrap()
     for E in args.peft:
         from peft import ArrowConfig, create_arrow_model
@@ -187,7 +262,7 @@ def main(argv=None) -> None:
             def run_peft(fn, peft_model=peft_model):
                 return measure(lambda: fn(model), lambda: fn(peft_model), args.reps)
 
-            cells(f"PEFT create_arrow_model E={E}", run_peft)
+            cells([f"PEFT create_arrow_model E={E}"], run_peft)
             del peft_model, run_peft
 
     keys = ["prefill 8x128", "decode b=1", "decode b=16"]
@@ -204,6 +279,8 @@ def main(argv=None) -> None:
         if quiver16 and peft16:
             print("\nQuiver vs PEFT Arrow at E=16 (targets: prefill >= 3x, decode >= 2x): " + ", ".join(
                 f"{k} {peft16[k][1] / quiver16[k][1]:.1f}x" for k in keys))
+    if screened:
+        print("\nbfloat16 gate screen (routing.base.GateScreen): " + "; ".join(screened))
     if args.mixed:
         mixed_routings(model, lib, names[:args.mixed], args)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10

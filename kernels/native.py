@@ -3,7 +3,8 @@
 Four entry points: :func:`mixture_lora_native` (the mixture delta), :func:`linear_gate_native`
 (a linear router's gate and top-k softmax, e.g. Arrow's), :func:`gate_mixture_native` (both, for
 sibling modules that read one input, in one call) and :func:`mixture_siblings_native` (one
-decision mixed into sibling modules, in one call).
+decision mixed into sibling modules, in one call). At prefill sizes the gate of the second and
+third can be screened by a bfloat16 GEMM (routing.base.GateScreen): the same decisions.
 
 Why not a PyTorch extension: the kernel needs no PyTorch headers (raw float32 pointers and
 strides), so a plain ``cc -O3 -march=native -fopenmp-simd -shared`` builds it in about a
@@ -105,6 +106,8 @@ def _load():
                 so = ctypes.CDLL(str(_build(cc)))
                 fn, gate = so.quiver_mixture_f32, so.quiver_topk_softmax_f32
                 fused, siblings = so.quiver_gate_mixture_f32, so.quiver_mixture_siblings_f32
+                screened, screened_fused = so.quiver_screened_gate_f32, so.quiver_screened_gate_mixture_f32
+                to_bf16 = so.quiver_to_bf16
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 why = f"building {SOURCE.name} with {cc} failed: {e}"
     if why is not None:
@@ -120,7 +123,15 @@ def _load():
     fused.restype = i64
     siblings.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr]
     siblings.restype = i64
-    _state.update(fn=fn, gate=gate, fused=fused, siblings=siblings)
+    f32 = ctypes.c_float
+    screen_args = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, f32, i64, i64, ptr, i64, i64, f32]
+    screened.argtypes = screen_args + [ptr, ptr, ptr]
+    screened.restype = i64
+    screened_fused.argtypes = screen_args + [ptr, ptr, ptr, ptr]
+    screened_fused.restype = i64
+    to_bf16.argtypes, to_bf16.restype = [ptr, i64, i64, i64, ptr, ptr], None
+    _state.update(fn=fn, gate=gate, fused=fused, siblings=siblings, screened=screened, screened_fused=screened_fused,
+                  to_bf16=to_bf16)
     return fn
 
 
@@ -171,13 +182,67 @@ def mixture_lora_native(x: Tensor, bank: LoraBank, indices: Tensor, weights: Ten
     return out
 
 
+# A gate with a screen (routing.base.GateScreen) decides T tokens over E adapters per module by a
+# bfloat16 GEMM on CPUs with bfloat16 matrix units (AMX) when T·E >= SCREEN_MIN_WORK, then the
+# float32 logits of the columns its bound keeps (C source, quiver_screened_gate_f32): the
+# float32 decision. Below that the fixed cost of a call (rounding x, the GEMM's set-up, the kept
+# columns) exceeds what it saves. Arrow at SmolLM2's shapes, one thread, the 30 layers' gates
+# (random unit prototypes; bench/runtime.py --gate-screen), float32 GEMM → screened: E=256
+# 1,024 tokens 605 → 272 ms, 128 tokens 99 → 75, 64 tokens 62 → 51; E=128 1,024 tokens 317 →
+# 209, 256 tokens 94 → 80, 128 tokens 55 → 55; E=64 1,024 tokens 183 → 175. Decoding steps
+# stay below it.
+SCREEN_MIN_WORK = 32768
+SCREEN = True  # False: every gate takes the float32 GEMM (benchmarks compare the two)
+_BF16_U = 2.0**-8  # bfloat16's unit roundoff (round to nearest even): the GEMM output's relative rounding
+_EXACT = ctypes.c_int64(0)  # the candidates computed in float32, summed by the C side
+_screen_counts = {"calls": 0, "columns": 0}
+
+
+def screen_stats() -> dict:
+    """Screened gate calls, the columns they decided over and how many of those were computed in
+    float32, since the process started (diagnostics: benchmarks print the fraction)."""
+    return {**_screen_counts, "exact": _EXACT.value}
+
+
+def _bf16_gemm_fast() -> bool:
+    """Whether PyTorch's bfloat16 GEMM runs on matrix units here (AMX tiles)."""
+    if "amx" not in _state:
+        probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        _state["amx"] = bool(probe and probe())
+    return _state["amx"]
+
+
+def _screen_args(x: Tensor, weight: Tensor, screen, modules: int) -> tuple | None:
+    """The C arguments that feed the screened decision for ``x`` (the bfloat16 GEMM's output, its
+    row stride, ``rows``, ``err``, ``norm``, ``dx``, ``rel``; the tensors behind the pointers
+    last, to keep them alive), or None where the float32 GEMM decides: no screen, ``SCREEN``
+    off, tokens × adapters below ``SCREEN_MIN_WORK``, no bfloat16 matrix units. ``x``: float32
+    with contiguous rows."""
+    T, d = x.shape
+    N = weight.shape[1]
+    if (screen is None or not SCREEN or T * (N // modules) < SCREEN_MIN_WORK or not weight.T.is_contiguous()
+            or not _bf16_gemm_fast() or _load() is None):
+        return None
+    if screen.low.shape != (N, d) or screen.err.shape != (N,) or screen.norm.shape != (N,):
+        raise ValueError(f"a gate screen of {tuple(screen.low.shape)} for a weight of {tuple(weight.shape)}")
+    _screen_counts["calls"] += 1
+    _screen_counts["columns"] += T * N
+    xl, dx = torch.empty(T, d, dtype=torch.bfloat16), torch.empty(T, dtype=torch.float32)
+    _state["to_bf16"](x.data_ptr(), T, d, x.stride(0), xl.data_ptr(), dx.data_ptr())  # and ||x_t - xl_t||
+    sim = torch.mm(xl, screen.low.T)  # [T, N] bfloat16 (float32 accumulation, rounded once on output)
+    return (sim.data_ptr(), sim.stride(0), weight.data_ptr(), screen.err.data_ptr(), screen.norm.data_ptr(),
+            dx.data_ptr(), _BF16_U / (1 - _BF16_U), (sim, dx))
+
+
 def linear_gate_native(x: Tensor, weight: Tensor, present: Tensor | None, modules: int, absolute: bool,
-                       top_k: int, temperature: float) -> tuple[Tensor, Tensor]:
+                       top_k: int, temperature: float, screen=None) -> tuple[Tensor, Tensor]:
     """A linear router's decision at ``modules`` modules reading ``x: [T, d_in]``, float32 on
     the CPU: the semantics of :meth:`quiver.routing.base.LinearGate.route` (``weight: [d_in, M·E]``,
-    ``present: bool [M, E]`` or None): the logits by one PyTorch GEMM, then abs, mask, top-k
-    and softmax in one C call. Returns ``indices int64 [M, T, k']`` and ``weights float32
-    [M, T, k']`` with ``k' = min(top_k, E)``."""
+    ``present: bool [M, E]`` or None): the logits by one PyTorch GEMM, then abs, mask, top-k and
+    softmax in one C call; or, for a gate with a ``screen`` (routing.base.GateScreen) and enough
+    tokens, the same decision from a bfloat16 GEMM screened by a bound (:func:`_screen_args`).
+    Returns ``indices int64 [M, T, k']`` and ``weights float32 [M, T, k']`` with
+    ``k' = min(top_k, E)``."""
     if _load() is None:
         raise RuntimeError(f"the native backend is unavailable: {_state['why']}")
     T = x.shape[0]
@@ -187,10 +252,19 @@ def linear_gate_native(x: Tensor, weight: Tensor, present: Tensor | None, module
     if not 1 <= k <= MAX_K or N != modules * E or weight.shape[0] != x.shape[1]:
         raise ValueError(f"linear_gate_native: top_k {top_k} outside [1, {MAX_K}] or gate weight "
                          f"{tuple(weight.shape)} not [{x.shape[1]}, {modules} modules × E]")
-    sim = x @ weight  # [T, M·E]
     pres = None if present is None else present.bool().contiguous()  # one byte per element, as the C side reads it
     idx = torch.empty(modules, T, k, dtype=torch.int64)
     w = torch.empty(modules, T, k, dtype=torch.float32)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    screened = _screen_args(x, weight, screen, modules)
+    if screened is not None:
+        rc = _state["screened"](x.data_ptr(), T, x.shape[1], x.stride(0), *screened[:7], modules, E,
+                                None if pres is None else pres.data_ptr(), int(absolute), k, float(temperature),
+                                idx.data_ptr(), w.data_ptr(), ctypes.byref(_EXACT))
+        if rc == -1:
+            raise MemoryError(f"linear_gate_native: no memory for the screen's buffers ({T} tokens)")
+        return idx, w
+    sim = x @ weight  # [T, M·E]
     if T:
         _state["gate"](sim.data_ptr(), T, sim.stride(0), modules, E, None if pres is None else pres.data_ptr(),
                        int(absolute), k, float(temperature), idx.data_ptr(), w.data_ptr())
@@ -225,7 +299,8 @@ def _bank_fields(b: LoraBank) -> list[int]:
 
 
 def gate_mixture_native(x: Tensor, weight: Tensor, present: Tensor | None, absolute: bool, top_k: int,
-                        temperature: float, slots: Tensor | None, banks: list[LoraBank], outs: list[Tensor]) -> None:
+                        temperature: float, slots: Tensor | None, banks: list[LoraBank], outs: list[Tensor],
+                        screen=None) -> None:
     """``outs[m] += delta_m`` for M modules reading ``x: [T, d_in]``, each routed by a linear gate
     (``weight: [d_in, M·E]``, ``present``, ``absolute``, ``top_k``, ``temperature`` as in
     :func:`linear_gate_native`) and mixed as :func:`mixture_lora_native` mixes, from ``banks[m]``;
@@ -233,7 +308,7 @@ def gate_mixture_native(x: Tensor, weight: Tensor, present: Tensor | None, absol
     CPU, one C call after the logits GEMM. ``outs[m]``: ``[T, d_out_m]`` with contiguous rows.
     Equal, module by module, to :func:`linear_gate_native` then :func:`mixture_lora_native`.
     (:class:`GateMixtureCall` is this call prepared once for repeated use.)"""
-    GateMixtureCall(x.shape[1], weight, present, absolute, top_k, temperature, slots, banks)(x, outs)
+    GateMixtureCall(x.shape[1], weight, present, absolute, top_k, temperature, slots, banks, screen)(x, outs)
 
 
 class GateMixtureCall:
@@ -248,10 +323,10 @@ class GateMixtureCall:
     the step's banks, gate and slots are the very objects it was made from (runtime/plan.py)."""
 
     __slots__ = ("d_in", "weight", "present", "absolute", "top_k", "temperature", "slots", "banks", "desc",
-                 "d_outs", "M", "E", "k", "_fn", "_ptrs")
+                 "d_outs", "M", "E", "k", "_fn", "_ptrs", "screen")
 
     def __init__(self, d_in: int, weight: Tensor, present: Tensor | None, absolute: bool, top_k: int,
-                 temperature: float, slots: Tensor | None, banks: list[LoraBank]):
+                 temperature: float, slots: Tensor | None, banks: list[LoraBank], screen=None):
         if _load() is None:
             raise RuntimeError(f"the native backend is unavailable: {_state['why']}")
         M, N = len(banks), weight.shape[1]
@@ -265,6 +340,7 @@ class GateMixtureCall:
         self.d_in, self.M, self.E, self.k = d_in, M, E, k
         self.weight, self.absolute, self.top_k, self.temperature = weight, bool(absolute), top_k, float(temperature)
         self.present, self.slots = _as(present, torch.bool), _as(slots, torch.int64)
+        self.screen = screen  # routing.base.GateScreen or None (_screen_args)
         if self.slots is not None and self.slots.numel() != E:
             raise ValueError(f"gate_mixture_native: {self.slots.numel()} slots for a gate over {E} adapters")
         self.desc = _desc(banks, d_in, "gate_mixture_native")
@@ -283,11 +359,19 @@ class GateMixtureCall:
         if not T:
             return
         x = x if x.stride(-1) == 1 else x.contiguous()
-        sim = torch.mm(x, self.weight)  # [T, M·E]
         pres, sl = self.present, self.slots
-        rc = self._fn(x.data_ptr(), T, self.d_in, x.stride(0), sim.data_ptr(), sim.stride(0), self.M, self.E,
-                      None if pres is None else pres.data_ptr(), int(self.absolute), self.k, self.temperature,
-                      None if sl is None else sl.data_ptr(), self.desc, self._ptrs(*[o.data_ptr() for o in outs]))
+        screened = _screen_args(x, self.weight, self.screen, self.M)
+        if screened is not None:
+            rc = _state["screened_fused"](
+                x.data_ptr(), T, self.d_in, x.stride(0), *screened[:7], self.M, self.E,
+                None if pres is None else pres.data_ptr(), int(self.absolute), self.k, self.temperature,
+                None if sl is None else sl.data_ptr(), self.desc, self._ptrs(*[o.data_ptr() for o in outs]),
+                ctypes.byref(_EXACT))
+        else:
+            sim = torch.mm(x, self.weight)  # [T, M·E]
+            rc = self._fn(x.data_ptr(), T, self.d_in, x.stride(0), sim.data_ptr(), sim.stride(0), self.M, self.E,
+                          None if pres is None else pres.data_ptr(), int(self.absolute), self.k, self.temperature,
+                          None if sl is None else sl.data_ptr(), self.desc, self._ptrs(*[o.data_ptr() for o in outs]))
         if rc:
             _check(rc, T * self.k, [r() for r in self.banks])
 

@@ -124,47 +124,51 @@ int64_t quiver_mixture_f32(
  */
 #define QV_MAX_K 64
 
+/* One token and module: the top-k softmax over n values (vals[i] is column cols[i], ascending, or
+ * column i when cols == NULL), skipping the columns pm marks absent; into it / wt: [k]. */
+static void qv_topk_row(const float *vals, const int64_t *cols, int64_t n, const uint8_t *pm, int64_t absolute,
+                        int64_t k, float temperature, int64_t *it, float *wt)
+{
+    float topv[QV_MAX_K];
+    int64_t topi[QV_MAX_K];
+    int64_t cnt = 0;
+    for (int64_t i = 0; i < n; ++i) {  /* insertion into the sorted top-k */
+        const int64_t e = cols ? cols[i] : i;
+        if (pm && !pm[e])
+            continue;
+        const float v = absolute ? fabsf(vals[i]) : vals[i];
+        if (cnt == k && !(v > topv[k - 1]))
+            continue;
+        int64_t pos = cnt < k ? cnt++ : k - 1;
+        while (pos > 0 && topv[pos - 1] < v) {
+            topv[pos] = topv[pos - 1];
+            topi[pos] = topi[pos - 1];
+            --pos;
+        }
+        topv[pos] = v;
+        topi[pos] = e;
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < cnt; ++j) {
+        wt[j] = expf((topv[j] - topv[0]) / temperature);
+        sum += wt[j];
+    }
+    for (int64_t j = 0; j < k; ++j) {
+        it[j] = j < cnt ? topi[j] : -1;
+        wt[j] = j < cnt ? wt[j] / sum : 0.0f;
+    }
+}
+
 int64_t quiver_topk_softmax_f32(
     const float *sim, int64_t T, int64_t ssim, int64_t M, int64_t E, const uint8_t *present,
     int64_t absolute, int64_t k, float temperature, int64_t *idx, float *w)
 {
     if (k > QV_MAX_K || k < 1)
         return 1;
-    float topv[QV_MAX_K];
-    int64_t topi[QV_MAX_K];
-    for (int64_t m = 0; m < M; ++m) {
-        const uint8_t *pm = present ? present + m * E : 0;
-        for (int64_t t = 0; t < T; ++t) {
-            const float *st = sim + t * ssim + m * E;
-            int64_t cnt = 0;
-            for (int64_t e = 0; e < E; ++e) {  /* insertion into the sorted top-k */
-                if (pm && !pm[e])
-                    continue;
-                const float v = absolute ? fabsf(st[e]) : st[e];
-                if (cnt == k && !(v > topv[k - 1]))
-                    continue;
-                int64_t pos = cnt < k ? cnt++ : k - 1;
-                while (pos > 0 && topv[pos - 1] < v) {
-                    topv[pos] = topv[pos - 1];
-                    topi[pos] = topi[pos - 1];
-                    --pos;
-                }
-                topv[pos] = v;
-                topi[pos] = e;
-            }
-            int64_t *it = idx + (m * T + t) * k;
-            float *wt = w + (m * T + t) * k;
-            float sum = 0.0f;
-            for (int64_t j = 0; j < cnt; ++j) {
-                wt[j] = expf((topv[j] - topv[0]) / temperature);
-                sum += wt[j];
-            }
-            for (int64_t j = 0; j < k; ++j) {
-                it[j] = j < cnt ? topi[j] : -1;
-                wt[j] = j < cnt ? wt[j] / sum : 0.0f;
-            }
-        }
-    }
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t t = 0; t < T; ++t)
+            qv_topk_row(sim + t * ssim + m * E, 0, E, present ? present + m * E : 0, absolute, k, temperature,
+                        idx + (m * T + t) * k, w + (m * T + t) * k);
     return 0;
 }
 
@@ -187,6 +191,36 @@ int64_t quiver_topk_softmax_f32(
  */
 #define QV_DESC 10
 
+/* The decisions idx / w [M, T, k] (router positions) mapped to bank slots in place, every module
+ * checked, then mixed: the part of quiver_gate_mixture_f32 after its top-k softmax. */
+static int64_t qv_map_and_mix(const float *x, int64_t T, int64_t d_in, int64_t sxt, int64_t *idx, const float *w,
+                              int64_t M, int64_t k, const int64_t *slots, const int64_t *desc, float *const *outs)
+{
+    const int64_t P = T * k;
+    for (int64_t m = 0; m < M; ++m) {
+        const int64_t *d = desc + m * QV_DESC;
+        const int32_t *ranks = (const int32_t *)(intptr_t)d[7];
+        for (int64_t p = 0; p < P; ++p) {
+            int64_t *ip = idx + m * P + p;
+            if (*ip >= 0 && slots)
+                *ip = slots[*ip];
+            if (*ip < -1 || *ip >= d[8] || (*ip >= 0 && ranks[*ip] > QV_MAX_RANK))
+                return 1 + m * P + p;
+        }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+        const int64_t *d = desc + m * QV_DESC;
+        const int64_t rc = quiver_mixture_f32(
+            x, T, d_in, sxt, idx + m * P, w + m * P, k,
+            (const float *)(intptr_t)d[0], d[1], d[2],
+            (const float *)(intptr_t)d[3], d[4], d[5], d[6],
+            (const int32_t *)(intptr_t)d[7], d[8], outs[m], d[9], d[9]);
+        if (rc)
+            return rc < 0 ? rc : 1 + m * P + rc - 1;
+    }
+    return 0;
+}
+
 int64_t quiver_gate_mixture_f32(
     const float *x, int64_t T, int64_t d_in, int64_t sxt,
     const float *sim, int64_t ssim, int64_t M, int64_t E, const uint8_t *present,
@@ -198,36 +232,11 @@ int64_t quiver_gate_mixture_f32(
     const int64_t P = T * k;
     int64_t *idx = malloc((size_t)(M * P > 0 ? M * P : 1) * sizeof(int64_t)); /* the decisions [M, T, k] */
     float *w = malloc((size_t)(M * P > 0 ? M * P : 1) * sizeof(float));
-    int64_t rc = 0;
-    if (!idx || !w) {
-        rc = -1;
-        goto done;
+    int64_t rc = -1;
+    if (idx && w) {
+        quiver_topk_softmax_f32(sim, T, ssim, M, E, present, absolute, k, temperature, idx, w);
+        rc = qv_map_and_mix(x, T, d_in, sxt, idx, w, M, k, slots, desc, outs);
     }
-    quiver_topk_softmax_f32(sim, T, ssim, M, E, present, absolute, k, temperature, idx, w);
-    for (int64_t m = 0; m < M && !rc; ++m) {
-        const int64_t *d = desc + m * QV_DESC;
-        const int32_t *ranks = (const int32_t *)(intptr_t)d[7];
-        for (int64_t p = 0; p < P; ++p) {
-            int64_t *ip = idx + m * P + p;
-            if (*ip >= 0 && slots)
-                *ip = slots[*ip];
-            if (*ip < -1 || *ip >= d[8] || (*ip >= 0 && ranks[*ip] > QV_MAX_RANK)) {
-                rc = 1 + m * P + p;
-                break;
-            }
-        }
-    }
-    for (int64_t m = 0; m < M && !rc; ++m) {
-        const int64_t *d = desc + m * QV_DESC;
-        rc = quiver_mixture_f32(
-            x, T, d_in, sxt, idx + m * P, w + m * P, k,
-            (const float *)(intptr_t)d[0], d[1], d[2],
-            (const float *)(intptr_t)d[3], d[4], d[5], d[6],
-            (const int32_t *)(intptr_t)d[7], d[8], outs[m], d[9], d[9]);
-        if (rc > 0)
-            rc = 1 + m * P + rc - 1;
-    }
-done:
     free(idx);
     free(w);
     return rc;
@@ -266,4 +275,315 @@ int64_t quiver_mixture_siblings_f32(
             return rc < 0 ? rc : 1 + m * P + rc - 1;
     }
     return 0;
+}
+
+/* A linear gate's decision screened by a bfloat16 GEMM: what quiver_topk_softmax_f32 decides from
+ * the float32 logits x_t · w_n, computing in float32 only the columns that can be among a
+ * token's top k.
+ *
+ * At prefill sizes Arrow's logits GEMM over E = 256 adapters is a tenth of a SmolLM2 forward in
+ * float32 arithmetic; on CPUs with bfloat16 matrix units (AMX) a bfloat16 GEMM does it several
+ * times faster. What keeps the decision exact is a bound. With l_n the bfloat16 row, x~_t the
+ * bfloat16 x_t, a_tn the GEMM's bfloat16 output, the caller's per-row
+ *
+ *     err_n  >= ||w_n - l_n|| + g_d ||l_n||        (g_d = d u / (1 - d u), u = 2^-24)
+ *     norm_n >= (1 + g_d) ||l_n||
+ *
+ * (the GEMM accumulates in float32: g_d ||x~_t|| ||l_n|| bounds that rounding, and ||x~_t|| <=
+ * ||x_t|| + dx_t), dx_t = ||x_t - x~_t|| (quiver_to_bf16) and rel the output's relative
+ * rounding, with B the largest over the module's present columns of
+ *
+ *     b_tn = ||x_t|| err_n + ||x_t - x~_t|| norm_n + rel |a_tn|  >=  |x_t · w_n - a_tn|
+ *
+ * (Cauchy-Schwarz; Arrow's rows are unit vectors, so the b_tn hardly differ), and s = |.| when
+ * absolute: k columns have a float32 logit >= K - B, K the k-th largest s(a_tn), and every column
+ * with s(a_tn) < K - 2B has one below it. The others (the candidates) are computed from the
+ * float32 rows, as any float32 dot product, and the top-k softmax is taken over them: the
+ * columns and weights quiver_topk_softmax_f32 picks from the full float32 logits, up to the
+ * rounding of those dot products. A token whose bound is not finite takes every column.
+ */
+#include <float.h>
+#include <string.h>
+
+static inline float qv_bf16(uint16_t h)
+{
+    const uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define QV_VW 16
+typedef __m512 qv_vec;
+#define QV_ZERO() _mm512_setzero_ps()
+#define QV_LOADF(p) _mm512_loadu_ps(p)
+#define QV_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define QV_SUM(v) _mm512_reduce_add_ps(v)
+#define QV_SET1(f) _mm512_set1_ps(f)
+#define QV_ADD(a, b) _mm512_add_ps(a, b)
+#define QV_MAXV(a, b) _mm512_max_ps(a, b)
+#define QV_MINV(a, b) _mm512_min_ps(a, b)
+#define QV_ABS(a) _mm512_abs_ps(a)
+#define QV_STORE(p, v) _mm512_storeu_ps(p, v)
+#define QV_NOT_BELOW(a, b) ((uint64_t)_mm512_cmp_ps_mask(a, b, _CMP_NLT_UQ)) /* lane bits: !(a < b) */
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define QV_VW 8
+typedef __m256 qv_vec;
+#define QV_ZERO() _mm256_setzero_ps()
+#define QV_LOADF(p) _mm256_loadu_ps(p)
+#define QV_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+static inline float QV_SUM(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#define QV_SET1(f) _mm256_set1_ps(f)
+#define QV_ADD(a, b) _mm256_add_ps(a, b)
+#define QV_MAXV(a, b) _mm256_max_ps(a, b)
+#define QV_MINV(a, b) _mm256_min_ps(a, b)
+#define QV_ABS(a) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a)
+#define QV_STORE(p, v) _mm256_storeu_ps(p, v)
+#define QV_NOT_BELOW(a, b) ((uint64_t)_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_NLT_UQ)))
+#endif
+
+static inline float qv_dot(const float *w, const float *xt, int64_t d)
+{
+    int64_t i = 0;
+    float s = 0.0f;
+#ifdef QV_VW
+    qv_vec a0 = QV_ZERO(), a1 = QV_ZERO(), a2 = QV_ZERO(), a3 = QV_ZERO(); /* four chains: FMA latency */
+    for (; i + 4 * QV_VW <= d; i += 4 * QV_VW) {
+        a0 = QV_FMA(QV_LOADF(w + i), QV_LOADF(xt + i), a0);
+        a1 = QV_FMA(QV_LOADF(w + i + QV_VW), QV_LOADF(xt + i + QV_VW), a1);
+        a2 = QV_FMA(QV_LOADF(w + i + 2 * QV_VW), QV_LOADF(xt + i + 2 * QV_VW), a2);
+        a3 = QV_FMA(QV_LOADF(w + i + 3 * QV_VW), QV_LOADF(xt + i + 3 * QV_VW), a3);
+    }
+    for (; i + QV_VW <= d; i += QV_VW)
+        a0 = QV_FMA(QV_LOADF(w + i), QV_LOADF(xt + i), a0);
+    s = QV_SUM(QV_ADD(QV_ADD(a0, a1), QV_ADD(a2, a3)));
+#endif
+    for (; i < d; ++i)
+        s += w[i] * xt[i];
+    return s;
+}
+
+/* x_t rounded to bfloat16 (round to nearest even, as PyTorch rounds) into xl, and dx_t =
+ * ||x_t - xl_t|| (summed in double, returned in float32; its reader adds a margin): the input of
+ * a bfloat16 GEMM and the exact size of its rounding, for the bound of quiver_screened_gate_f32.
+ * A token that is not finite gets a dx that is not finite (its reader then takes every column). */
+void quiver_to_bf16(const float *x, int64_t T, int64_t d, int64_t sxt, uint16_t *xl, float *dx)
+{
+    for (int64_t t = 0; t < T; ++t) {
+        const float *xt = x + t * sxt;
+        uint16_t *lt = xl + t * d;
+        double ss = 0.0; /* in double: no overflow or underflow of the squares */
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < d; ++i) {
+            uint32_t b;
+            memcpy(&b, xt + i, sizeof b);
+            const uint32_t r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+            lt[i] = (uint16_t)r;
+            const double diff = (double)xt[i] - (double)qv_bf16((uint16_t)r);
+            ss += diff * diff;
+        }
+        dx[t] = (float)sqrt(ss);
+    }
+}
+
+#ifdef QV_VW
+#define QV_VTOPK 8 /* the vector threshold keeps k lane-wise maxima; larger k take the scalar loop */
+#endif
+
+/* The threshold K - 2B of one token and module (-inf: every present column is a candidate). */
+static float qv_threshold(const float *at, int64_t E, const uint8_t *pm, int64_t absolute, int64_t k,
+                          float xb, float emax, float nmax, float rel, float dxt)
+{
+    float topv[QV_MAX_K], amax = 0.0f;
+    int64_t cnt = 0, e = 0;
+#ifdef QV_VW
+    if (!pm && k <= QV_VTOPK) { /* lane-wise k largest (a compare-exchange chain), merged below */
+        qv_vec top[QV_VTOPK], am = QV_SET1(0.0f);
+        for (int64_t j = 0; j < k; ++j)
+            top[j] = QV_SET1(-INFINITY);
+        if (k <= 2) { /* the usual top-k, in registers */
+            qv_vec t0 = top[0], t1 = top[k - 1];
+            for (; e + QV_VW <= E; e += QV_VW) {
+                const qv_vec a = QV_LOADF(at + e), aa = QV_ABS(a), v = absolute ? aa : a;
+                am = QV_MAXV(am, aa);
+                if (k == 2)
+                    t1 = QV_MAXV(t1, QV_MINV(t0, v));
+                t0 = QV_MAXV(t0, v);
+            }
+            top[k - 1] = t1; /* k = 1: t1 is no column */
+            top[0] = t0;
+        }
+        for (; e + QV_VW <= E; e += QV_VW) {
+            const qv_vec a = QV_LOADF(at + e), aa = QV_ABS(a);
+            qv_vec v = absolute ? aa : a;
+            am = QV_MAXV(am, aa);
+            for (int64_t j = 0; j < k; ++j) {
+                const qv_vec hi = QV_MAXV(top[j], v);
+                v = QV_MINV(top[j], v);
+                top[j] = hi;
+            }
+        }
+        float lanes[QV_VTOPK * QV_VW], aml[QV_VW];
+        QV_STORE(aml, am);
+        for (int64_t i = 0; i < QV_VW; ++i)
+            amax = fmaxf(amax, aml[i]);
+        for (int64_t j = 0; j < k; ++j)
+            QV_STORE(lanes + j * QV_VW, top[j]);
+        for (int64_t i = 0; i < k * QV_VW; ++i) {
+            const float v = lanes[i];
+            if (cnt == k && !(v > topv[k - 1]))
+                continue;
+            int64_t pos = cnt < k ? cnt++ : k - 1;
+            while (pos > 0 && topv[pos - 1] < v) {
+                topv[pos] = topv[pos - 1];
+                --pos;
+            }
+            topv[pos] = v;
+        }
+        if (e == 0) /* nothing went through the vectors: their -inf lanes are no columns */
+            cnt = 0;
+        else if (cnt < k || !(topv[cnt - 1] > -INFINITY))
+            cnt = 0, e = 0; /* fewer than k finite lane values: count again below */
+    }
+#endif
+    for (; e < E; ++e) { /* the k largest s(a) over the present columns, and max |a| */
+        if (pm && !pm[e])
+            continue;
+        const float v = absolute ? fabsf(at[e]) : at[e];
+        amax = fmaxf(amax, fabsf(at[e]));
+        if (cnt == k && !(v > topv[k - 1]))
+            continue;
+        int64_t pos = cnt < k ? cnt++ : k - 1;
+        while (pos > 0 && topv[pos - 1] < v) {
+            topv[pos] = topv[pos - 1];
+            --pos;
+        }
+        topv[pos] = v;
+    }
+    const float B = xb * emax + dxt * nmax + rel * amax;
+    if (cnt < k || !isfinite(B) || !isfinite(topv[k - 1]))
+        return -INFINITY;
+    return topv[k - 1] - 2.0f * B - 4.0f * FLT_EPSILON * (fabsf(topv[k - 1]) + 2.0f * B);
+}
+
+/* The candidates of one token and module (present, s(a) not below thr), in ascending column
+ * order, with their float32 logits: cv / ci. Returns their count. */
+static int64_t qv_candidates(const float *at, int64_t E, const uint8_t *pm, int64_t absolute, float thr,
+                             const float *xt, const float *rows, int64_t d, float *cv, int64_t *ci)
+{
+    int64_t n = 0, e = 0;
+#ifdef QV_VW
+    if (!pm) {
+        const qv_vec tv = QV_SET1(thr);
+        for (; e + QV_VW <= E; e += QV_VW) {
+            uint64_t bits = QV_NOT_BELOW(absolute ? QV_ABS(QV_LOADF(at + e)) : QV_LOADF(at + e), tv);
+            while (bits) {
+                ci[n++] = e + __builtin_ctzll(bits);
+                bits &= bits - 1;
+            }
+        }
+    }
+#endif
+    for (; e < E; ++e) {
+        if (pm && !pm[e])
+            continue;
+        const float v = absolute ? fabsf(at[e]) : at[e];
+        if (!(v < thr))
+            ci[n++] = e;
+    }
+    for (int64_t j = 0; j < n; ++j)
+        cv[j] = qv_dot(rows + ci[j] * d, xt, d);
+    return n;
+}
+
+/* The screened decision, into idx / w [M, T, k] (router positions, as quiver_topk_softmax_f32),
+ * from low_sim ([T, N] bfloat16 with row stride slow: the GEMM of quiver_to_bf16's x~ and the
+ * bfloat16 rows), its dx and rel; rows: [N, d] float32; err, norm: [N]; N = M * E.
+ * *exact += the candidates computed in float32. Returns 0, -1 when a buffer cannot be
+ * allocated, -2 when k is outside [1, QV_MAX_K] (in both cases nothing has been written). */
+int64_t quiver_screened_gate_f32(
+    const float *x, int64_t T, int64_t d, int64_t sxt, const uint16_t *low_sim, int64_t slow,
+    const float *rows, const float *err, const float *norm, const float *dx, float rel, int64_t M, int64_t E,
+    const uint8_t *present, int64_t absolute, int64_t k, float temperature, int64_t *idx, float *w, int64_t *exact)
+{
+    if (k > QV_MAX_K || k < 1)
+        return -2;
+    const int64_t N = M * E;
+    float *at = malloc((size_t)(N + E + 2 * M) * sizeof(float)); /* a token's logits, then cv, emax, nmax */
+    int64_t *ci = malloc((size_t)(E + 1) * sizeof(int64_t));
+    if (!at || !ci) {
+        free(at);
+        free(ci);
+        return -1;
+    }
+    float *cv = at + N, *emax = cv + E, *nmax = emax + M;
+    for (int64_t m = 0; m < M; ++m) { /* B's per-row parts: the largest over the present columns */
+        const uint8_t *pm = present ? present + m * E : 0;
+        emax[m] = nmax[m] = 0.0f;
+        for (int64_t e = 0; e < E; ++e)
+            if (!pm || pm[e]) {
+                emax[m] = fmaxf(emax[m], err[m * E + e]);
+                nmax[m] = fmaxf(nmax[m], norm[m * E + e]);
+            }
+    }
+    int64_t count = 0;
+    for (int64_t t = 0; t < T; ++t) {
+        const float *xt = x + t * sxt;
+        const uint16_t *lt = low_sim + t * slow;
+        for (int64_t n = 0; n < N; ++n)
+            at[n] = qv_bf16(lt[n]);
+        double ss = 0.0; /* in double: no overflow or underflow of the squares */
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < d; ++i)
+            ss += (double)xt[i] * xt[i];
+        const float xb = (float)sqrt(ss) * 1.0001f; /* the norm's own rounding, with room */
+        const float dxt = dx ? dx[t] * 1.0001f : 0.0f;
+        for (int64_t m = 0; m < M; ++m) {
+            const uint8_t *pm = present ? present + m * E : 0;
+            const float thr = qv_threshold(at + m * E, E, pm, absolute, k, xb, emax[m], nmax[m], rel, dxt);
+            const int64_t n = qv_candidates(at + m * E, E, pm, absolute, thr, xt, rows + m * E * d, d, cv, ci);
+            qv_topk_row(cv, ci, n, 0, absolute, k, temperature, idx + (m * T + t) * k, w + (m * T + t) * k);
+            count += n;
+        }
+    }
+    free(at);
+    free(ci);
+    if (exact)
+        *exact += count;
+    return 0;
+}
+
+/* quiver_screened_gate_f32 and the mixture it decides, in one call: quiver_gate_mixture_f32 with
+ * the screened decision in place of the top-k softmax of given logits. Returns as
+ * quiver_gate_mixture_f32. */
+int64_t quiver_screened_gate_mixture_f32(
+    const float *x, int64_t T, int64_t d_in, int64_t sxt, const uint16_t *low_sim, int64_t slow,
+    const float *rows, const float *err, const float *norm, const float *dx, float rel, int64_t M,
+    int64_t E, const uint8_t *present, int64_t absolute, int64_t k, float temperature, const int64_t *slots,
+    const int64_t *desc, float *const *outs, int64_t *exact)
+{
+    if (k > QV_MAX_K || k < 1)
+        return -2;
+    const int64_t P = T * k;
+    int64_t *idx = malloc((size_t)(M * P > 0 ? M * P : 1) * sizeof(int64_t));
+    float *w = malloc((size_t)(M * P > 0 ? M * P : 1) * sizeof(float));
+    int64_t rc = -1;
+    if (idx && w) {
+        rc = quiver_screened_gate_f32(x, T, d_in, sxt, low_sim, slow, rows, err, norm, dx, rel, M, E,
+                                      present, absolute, k, temperature, idx, w, exact);
+        if (!rc)
+            rc = qv_map_and_mix(x, T, d_in, sxt, idx, w, M, k, slots, desc, outs);
+    }
+    free(idx);
+    free(w);
+    return rc;
 }

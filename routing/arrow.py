@@ -27,9 +27,21 @@ from torch import Tensor
 from quiver.library import LoraAdapter, LoraModule
 from quiver.library import embeddings as emb
 
-from .base import AdapterSource, LinearGate, Router, RoutingDecision, RoutingSite
+from .base import AdapterSource, GateScreen, LinearGate, Router, RoutingDecision, RoutingSite
 
 MODES = ("merge-after", "merge-before")
+# From this many adapters a float32 gate on a CPU with bfloat16 matrix units (AMX) keeps a
+# bfloat16 copy of its prototypes (routing.base.GateScreen, +50% of their memory), with which
+# prefill-sized steps decide from a bfloat16 GEMM (kernels/native.py, SCREEN_MIN_WORK): the same
+# decisions. The gates of a 1,024-token prefill at SmolLM2's shapes: E = 256 605 → 272 ms,
+# E = 128 317 → 209 ms; E = 64 183 → 175 ms, too little to show in a whole forward (two runs of
+# bench/runtime.py --screen-ab: +0.05x and -0.10x of the base model, its noise), so not there.
+SCREEN_MIN_ADAPTERS = 128
+
+
+def _bf16_matrix_units() -> bool:
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
 
 
 class _Stacks:
@@ -56,14 +68,21 @@ class _Stacks:
         self._weights: dict[tuple, tuple] = {}
 
     def gate_parts(self, paths: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> tuple:
-        """``(weight [d_in, M·E], present [M, E] or None, fewest present)`` for the modules at ``paths``."""
+        """``(weight [d_in, M·E], present [M, E] or None, fewest present, screen or None)`` for the
+        modules at ``paths``. The weight is the transpose of its rows ``[M·E, d_in]`` (a GEMM
+        takes either layout; the screened kernel reads rows). Float32 CPU gates over at least
+        ``SCREEN_MIN_ADAPTERS`` adapters get their bfloat16 screen where the CPU has AMX."""
         key = (paths, device, dtype)
         hit = self._weights.get(key)
         if hit is None:
             present = torch.stack([self.present[p] for p in paths])  # bool [M, E], on the host
-            weight = torch.cat([self.protos[p] for p in paths]).T.to(device, dtype).contiguous()  # [d_in, M·E]
-            hit = self._weights[key] = (weight, None if bool(present.all()) else present.to(device),
-                                        int(present.sum(1).min()))
+            rows = torch.cat([self.protos[p] for p in paths]).to(device, dtype).contiguous()  # [M·E, d_in]
+            screen = None
+            if (device.type == "cpu" and dtype == torch.float32 and present.shape[1] >= SCREEN_MIN_ADAPTERS
+                    and _bf16_matrix_units()):
+                screen = GateScreen.of(rows)
+            hit = self._weights[key] = (rows.T, None if bool(present.all()) else present.to(device),
+                                        int(present.sum(1).min()), screen)
         return hit
 
 
@@ -141,8 +160,9 @@ class Arrow(Router):
         gate = self._gates.get(key)  # the last gate handed out here: one object while top_k and temperature stay
         if gate is None or gate.top_k != self.top_k or gate.temperature != self.temperature:
             # the weight is the shared stacks' (one per adapters, paths, device, dtype)
-            gate = self._gates[key] = LinearGate(*self._stacks.gate_parts(paths, device, dtype), len(paths),
-                                                 absolute=True, top_k=self.top_k, temperature=self.temperature)
+            weight, present, n_present, screen = self._stacks.gate_parts(paths, device, dtype)
+            gate = self._gates[key] = LinearGate(weight, present, n_present, len(paths), absolute=True,
+                                                 top_k=self.top_k, temperature=self.temperature, screen=screen)
         return gate
 
 

@@ -92,6 +92,40 @@ class RoutingSite:
 
 
 @dataclass(frozen=True)
+class GateScreen:
+    """A linear gate's columns in bfloat16, with bounds on what that costs, for a first pass that
+    decides which columns can be among a token's top k (kernels/native.py, ``_screen_args``).
+    Row n of ``low: bfloat16 [N, d_in]`` is column n of the gate's ``weight``; for any x::
+
+        |x · w_n - fl(x · l_n)| <= ||x|| · err_n,    err_n  >= ||w_n - l_n|| + g_d ||l_n||
+                                                     norm_n >= (1 + g_d) ||l_n||
+        g_d = d u / (1 - d u),  u = 2^-24  (a float32 dot product's rounding over d terms)
+
+    (``norm`` bounds the further error when x is rounded too, in a bfloat16 GEMM.) The kernel
+    computes the columns that the bounds cannot rule out from the float32 weight, so the decision
+    is the float32 one: the screen lets prefill-sized steps use a bfloat16 GEMM (several times
+    faster where the CPU has bfloat16 matrix units) for a large gate (Arrow over hundreds of
+    adapters) and changes no decision."""
+
+    low: Tensor
+    err: Tensor
+    norm: Tensor
+
+    @classmethod
+    def of(cls, rows: Tensor) -> GateScreen:
+        """The screen of a gate whose columns are the rows of ``rows: float32 [N, d_in]``."""
+        low = rows.to(torch.bfloat16)
+        d = rows.shape[1]
+        g = d * 2.0**-24 / (1 - d * 2.0**-24)
+        low64 = low.double()
+        lnorm = low64.norm(dim=1)
+        err = (rows.double() - low64).norm(dim=1) + g * lnorm
+        up = 1 + 1e-6  # the float32 rounding of the bounds themselves: keep them above the exact values
+        return cls(low=low.contiguous(), err=(err * up).float().contiguous(),
+                   norm=((1 + g) * lnorm * up).float().contiguous())
+
+
+@dataclass(frozen=True)
 class LinearGate:
     """A router's gate at M modules that read one input, in the form any kernel can evaluate.
 
@@ -111,6 +145,7 @@ class LinearGate:
     absolute: bool
     top_k: int
     temperature: float = 1.0
+    screen: GateScreen | None = None  # a bfloat16 first pass for large gates (the same decisions)
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The reference evaluation (PyTorch): ``indices int64 [M, T, k']``, ``weights [M, T, k']``."""

@@ -251,11 +251,11 @@ class StepPlan:
         if (call is None or kept[1] is not slots or any(r() is not b for r, b in zip(call.banks, banks))
                 or (kept[2] is not gate and (call.weight is not gate.weight or call.present is not gate.present
                                              or call.top_k != gate.top_k or call.temperature != gate.temperature
-                                             or call.absolute != gate.absolute))):
+                                             or call.absolute != gate.absolute or call.screen is not gate.screen))):
             if not all(native.supports_bank(b) for b in banks):
                 return False
             call = native.GateMixtureCall(flat.shape[1], gate.weight, gate.present, gate.absolute, gate.top_k,
-                                          gate.temperature, None if g.identity else g.slots, banks)
+                                          gate.temperature, None if g.identity else g.slots, banks, gate.screen)
             self.native_calls[key] = (call, slots, gate)
         outs = self._sibling_outputs(flat, out, banks)
         call(flat, outs)
@@ -305,7 +305,7 @@ class StepPlan:
             for g, gate in dyn:
                 i, w = native.linear_gate_native(flat if g.tokens is None else flat.index_select(0, g.tokens),
                                                  gate.weight, gate.present, M, gate.absolute, gate.top_k,
-                                                 gate.temperature)  # [M, T_g, k_g], router-local
+                                                 gate.temperature, gate.screen)  # [M, T_g, k_g], router-local
                 if not g.identity:
                     i = torch.where(i >= 0, g.slots[i.clamp_min(0)], -1)
                 idx_parts.append(_pad_slots(i, k, -1))
@@ -409,7 +409,7 @@ class StepPlan:
             if (gate is not None and gate.top_k <= native.MAX_K
                     and not (torch.is_grad_enabled() and (x.requires_grad or gate.weight.requires_grad))):
                 idx, w = native.linear_gate_native(x, gate.weight, gate.present, gate.modules, gate.absolute,
-                                                   gate.top_k, gate.temperature)
+                                                   gate.top_k, gate.temperature, gate.screen)
                 return [RoutingDecision(idx[m], w[m]) for m in range(len(paths))]
         if len(paths) == 1:
             return [g.router.route(x, RoutingSite(paths[0], g.request_ids))]

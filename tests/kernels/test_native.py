@@ -252,3 +252,153 @@ def test_a_prepared_gate_mixture_call_equals_the_one_shot_call_on_every_input():
     gc.collect()
     with pytest.raises(RuntimeError, match="no longer exists"):
         call(torch.randn(3, d_in), outs)
+
+
+def _screened_gate(M, E, d_in, k, absolute=True, absent=(), seed=0, rows=None, temperature=1.0):
+    """A gate stored as Arrow stores it (the transpose of unit rows) with its screen."""
+    from quiver.routing import LinearGate
+    from quiver.routing.base import GateScreen
+
+    g = torch.Generator().manual_seed(seed)
+    if rows is None:
+        rows = torch.nn.functional.normalize(torch.randn(M * E, d_in, generator=g), dim=1)
+    present = None
+    if absent:
+        present = torch.ones(M, E, dtype=torch.bool)
+        for m, e in absent:
+            present[m, e] = False
+            rows[m * E + e] = 0.0
+    n_present = E if present is None else int(present.sum(1).min())
+    return LinearGate(rows.T, present, n_present, M, absolute=absolute, top_k=k, temperature=temperature,
+                      screen=GateScreen.of(rows))
+
+
+@pytest.fixture
+def screen_path(monkeypatch):
+    """The screened path taken as on a CPU with AMX (forced where there is none: PyTorch's
+    bfloat16 GEMM computes the same there, slowly), for every size. Returns the token counts to
+    test with."""
+    monkeypatch.setitem(native._state, "amx", True)
+    monkeypatch.setattr(native, "SCREEN_MIN_WORK", 1)
+    return [1, 7, 100]
+
+
+def test_the_screen_bounds_the_low_precision_logit_error():
+    """err_n bounds |x · w_n - x · l_n| and, with norm_n, |x · w_n - x~ · l_n| for x~ = bfloat16(x),
+    for any x (random x, and x along the error itself, where Cauchy-Schwarz is tight), in float64;
+    the C rounding of x is PyTorch's, and its dx the distance."""
+    from quiver.routing.base import GateScreen
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(64, 577, generator=g) * torch.logspace(-3, 1, 64)[:, None]
+    screen = GateScreen.of(rows)
+    low = screen.low.double()
+    diff = rows.double() - low
+    xs = torch.cat([torch.randn(32, 577, generator=g, dtype=torch.float64), diff[:8]])
+    assert ((xs @ diff.T).abs() <= xs.norm(dim=1, keepdim=True) * screen.err.double()).all()
+    xl = xs.float().bfloat16().double()
+    gap = (xs @ rows.double().T - xl @ low.T).abs()
+    bound = xs.norm(dim=1, keepdim=True) * screen.err.double() + (xs - xl).norm(dim=1, keepdim=True) * screen.norm
+    assert (gap <= bound).all()
+    assert (screen.err.double() >= diff.norm(dim=1)).all() and (screen.norm.double() >= low.norm(dim=1)).all()
+    assert screen.low.dtype == torch.bfloat16 and screen.low.shape == rows.shape
+    if native.available():
+        x = torch.randn(5, 577, generator=g) * torch.logspace(-30, 30, 5)[:, None]
+        out, dx = torch.empty(5, 577, dtype=torch.bfloat16), torch.empty(5)
+        native._state["to_bf16"](x.data_ptr(), 5, 577, 577, out.data_ptr(), dx.data_ptr())
+        assert torch.equal(out, x.bfloat16())
+        torch.testing.assert_close(dx, (x.double() - out.double()).norm(dim=1).float(), rtol=1e-5, atol=0)
+
+
+def _stats_delta(before):
+    after = native.screen_stats()
+    return {key: after[key] - before[key] for key in after}
+
+
+@needs_native
+@pytest.mark.parametrize("M,E,d_in,k", [(1, 32, 9, 2), (3, 64, 576, 2), (2, 40, 577, 4), (1, 33, 1536, 1),
+                                        (1, 32, 48, 9), (1, 32, 48, 64)],
+                         ids=["tail-only", "qkv", "ragged-d", "down-k1", "k9", "k-above-E"])
+@pytest.mark.parametrize("absolute", [True, False], ids=["abs", "signed"])
+@pytest.mark.parametrize("absent", [(), ((0, 1), (0, 5))], ids=["all-present", "some-absent"])
+def test_screened_decisions_equal_the_float32_gemm(screen_path, M, E, d_in, k, absolute, absent):
+    """The screened decision (indices exactly, weights to float32 rounding) is the one from the
+    float32 logits ``x @ weight``, computing few of the columns in float32."""
+    gate = _screened_gate(M, E, d_in, k, absolute=absolute, absent=absent, seed=E, temperature=0.7)
+    for T in screen_path:
+        x = 3 * torch.randn(T, d_in, generator=torch.Generator().manual_seed(T))
+        want_idx, want_w = _native_gate(x, gate)
+        before = native.screen_stats()
+        idx, w = native.linear_gate_native(x, gate.weight, gate.present, M, absolute, k, gate.temperature,
+                                           gate.screen)
+        got = _stats_delta(before)
+        assert got["calls"] == 1 and got["columns"] == T * M * E
+        assert got["exact"] >= T * min(k, E) * M - (0 if gate.present is None else T * int((~gate.present).sum()))
+        assert torch.equal(idx, want_idx)
+        torch.testing.assert_close(w, want_w, atol=1e-6, rtol=1e-5)
+        if k <= 4:
+            assert got["exact"] < got["columns"] / 2, "the screen ruled out few columns"
+
+
+@needs_native
+def test_the_screen_falls_back_to_float32_where_low_precision_flips_the_order(screen_path):
+    """Columns whose bfloat16 logits order differently from their float32 logits (two near-equal
+    prototypes): the screened decision is the float32 one, found by recomputing them, never the
+    low-precision one."""
+    d, g = 576, torch.Generator().manual_seed(0)
+    flips = 0
+    for trial in range(300):
+        T = screen_path[-1]
+        x = torch.randn(T, d, generator=g)
+        base = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+        rows = torch.nn.functional.normalize(torch.randn(32, d, generator=g), dim=1) * 1e-3  # far below
+        rows[0] = base
+        rows[1] = torch.nn.functional.normalize(base + 3e-3 * torch.randn(d, generator=g), dim=0)
+        f32 = (x @ rows.T).abs()
+        low = (x.bfloat16().float() @ rows.bfloat16().float().T).abs()
+        flipped = ((f32[:, 0] > f32[:, 1]) != (low[:, 0] > low[:, 1])) & ((f32[:, 0] - f32[:, 1]).abs() > 1e-5)
+        if not flipped.any():
+            continue
+        flips += int(flipped.sum())
+        gate = _screened_gate(1, 32, d, 1, rows=rows.clone())
+        idx, _ = native.linear_gate_native(x, gate.weight, None, 1, True, 1, 1.0, gate.screen)
+        assert torch.equal(idx[0, :, 0], f32.argmax(1)), f"trial {trial}: the low-precision order won"
+        if flips >= 5:
+            break
+    assert flips >= 5, "the construction found too few order flips to test the fallback"
+
+
+@needs_native
+def test_a_token_that_is_not_finite_takes_every_column_in_float32(screen_path):
+    gate = _screened_gate(2, 32, 64, 2)
+    T = screen_path[-1]
+    x = torch.randn(T, 64, generator=torch.Generator().manual_seed(1))
+    x[1, 3] = float("inf")
+    before = native.screen_stats()
+    idx, _ = native.linear_gate_native(x, gate.weight, None, 2, True, 2, 1.0, gate.screen)
+    assert _stats_delta(before)["exact"] >= 64  # token 1: both modules' 32 columns
+    want_idx, _ = _native_gate(torch.cat([x[:1], x[2:]]), gate)
+    assert torch.equal(torch.cat([idx[:, :1], idx[:, 2:]], dim=1), want_idx)  # the other tokens as ever
+
+
+@needs_native
+def test_a_prepared_call_with_a_screen_mixes_as_the_call_without_it(monkeypatch):
+    """GateMixtureCall with the gate's screen adds what the call without it adds, with a slot
+    map and an absent adapter; the screen is used from SCREEN_MIN_WORK tokens × adapters on CPUs
+    with bfloat16 matrix units, the float32 GEMM otherwise."""
+    d_in, d_outs, E = 24, (24, 8, 8), 32
+    banks = _sibling_banks(d_in, d_outs, [2 + e % 3 for e in range(E + 2)], seed=3)
+    slots = torch.randperm(E + 2, generator=torch.Generator().manual_seed(0))[:E]
+    gate = _screened_gate(3, E, d_in, 2, absent=((1, 4),))
+    for amx in (False, True):
+        monkeypatch.setitem(native._state, "amx", amx)
+        for T in (1, native.SCREEN_MIN_WORK // E - 1, native.SCREEN_MIN_WORK // E + 3):
+            x = torch.randn(T, d_in, generator=torch.Generator().manual_seed(T))
+            outs = [torch.zeros(T, d) for d in d_outs]
+            want = [torch.zeros(T, d) for d in d_outs]
+            before = native.screen_stats()
+            native.GateMixtureCall(d_in, gate.weight, gate.present, True, 2, 0.8, slots, banks, gate.screen)(x, outs)
+            assert _stats_delta(before)["calls"] == (T * E >= native.SCREEN_MIN_WORK and amx)
+            native.GateMixtureCall(d_in, gate.weight, gate.present, True, 2, 0.8, slots, banks)(x, want)
+            for o, wnt in zip(outs, want):
+                torch.testing.assert_close(o, wnt, atol=1e-6, rtol=1e-5)

@@ -584,3 +584,47 @@ def test_mixed_router_steps_mix_every_group_in_one_native_call(tiny_model, lib9,
     torch.testing.assert_close(got, ref(step[2:5], routers=static).logits, atol=1e-5, rtol=0)
     for i, r in enumerate(static):
         torch.testing.assert_close(got[i], rm(step[2 + i:3 + i], routers=[r]).logits[0], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.skipif(not native.available(), reason="no C compiler for the native backend")
+def test_steps_with_a_screened_arrow_gate_equal_the_reference(tiny_model, lib9, monkeypatch):
+    """Arrow gates with a bfloat16 screen (built here for 6 adapters and every step size; the
+    runtime builds them from SCREEN_MIN_ADAPTERS on CPUs with AMX and uses them from
+    SCREEN_MIN_WORK) route steps through the screened decision: one-router and mixed-router
+    steps, prefill and a generation, equal the reference backend and the same steps with the
+    float32 GEMM (``native.SCREEN = False``)."""
+    import weakref
+
+    from quiver.routing import arrow as arrow_mod
+
+    monkeypatch.setattr(arrow_mod, "SCREEN_MIN_ADAPTERS", 1)
+    monkeypatch.setattr(arrow_mod, "_bf16_matrix_units", lambda: True)  # as on a CPU with AMX
+    monkeypatch.setitem(native._state, "amx", True)
+    monkeypatch.setattr(native, "SCREEN_MIN_WORK", 1)  # every step of this tiny batch
+    monkeypatch.setattr(arrow_mod, "_SHARED", weakref.WeakValueDictionary())  # stacks built with screens
+    arrow = Arrow(top_k=2, adapters=TASK_ADAPTERS)
+    single = Single("a1")
+    rm = RoutedModel(copy.deepcopy(tiny_model), lib9)
+    ref = RoutedModel(copy.deepcopy(tiny_model), lib9, backend="reference")
+    for r in (arrow, single):
+        rm.bind(r), ref.bind(r)
+    assert arrow.linear_gate(("model.layers.0.self_attn.q_proj",), torch.device("cpu"), torch.float32).screen
+    ids, mask, _ = left_padded(PROMPTS[:3])
+    for routers in ([arrow] * 3, [arrow, single, arrow]):
+        kw = {"input_ids": ids, "attention_mask": mask, "routers": routers}
+        rm(**kw)  # learns the siblings
+        calls = native.screen_stats()["calls"]
+        got = rm(**kw).logits
+        torch.testing.assert_close(got, ref(**kw).logits, atol=1e-5, rtol=0)
+        assert native.screen_stats()["calls"] > calls, "no screened gate call"
+        gen_kw = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 6, "do_sample": False,
+                  "pad_token_id": 0, "routers": routers}
+        gen = rm.generate(**gen_kw)
+        assert gen.tolist() == ref.generate(**gen_kw).tolist()
+        monkeypatch.setattr(native, "SCREEN", False)
+        calls = native.screen_stats()["calls"]
+        torch.testing.assert_close(rm(**kw).logits, got, atol=1e-6, rtol=0)
+        assert rm.generate(**gen_kw).tolist() == gen.tolist()
+        assert native.screen_stats()["calls"] == calls, "a screened call with SCREEN = False"
+        monkeypatch.setattr(native, "SCREEN", True)
