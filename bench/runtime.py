@@ -140,8 +140,8 @@ def gate_screen_table(sizes: list[int], tokens: list[int], reps: int) -> None:
     print(f"\nArrow's gates alone (k=2), 30 layers x 4 groups, {torch.get_num_threads()} threads, median of {reps}; "
           f"bfloat16 matrix units (AMX): {'yes' if amx else 'no: the bfloat16 GEMM is slow here'}\n")
     print("| E | tokens | float32 GEMM | bfloat16 screen | ratio | columns in float32 |\n|---|---|---|---|---|---|")
-    keep = (native.SCREEN, native.SCREEN_MIN_WORK, dict(native._state))
-    native._state["amx"], native.SCREEN_MIN_WORK = True, 1
+    keep = (native.SCREEN, native.SCREEN_MIN_WORK)
+    native._state["amx"], native.SCREEN_MIN_WORK = True, 1  # the screen at every size, also without AMX
     g = torch.Generator().manual_seed(0)
     try:
         for E in sizes:
@@ -165,8 +165,8 @@ def gate_screen_table(sizes: list[int], tokens: list[int], reps: int) -> None:
                 share = (after["exact"] - before["exact"]) / (after["columns"] - before["columns"])
                 print(f"| {E} | {T} | {f32 * 1e3:.1f} ms | {low * 1e3:.1f} ms | {low / f32:.2f}x | {share:.2%} |")
     finally:
-        native.SCREEN, native.SCREEN_MIN_WORK = keep[0], keep[1]
-        native._state["amx"] = keep[2].get("amx", amx)
+        native.SCREEN, native.SCREEN_MIN_WORK = keep
+        native._state["amx"] = amx
 
 
 def main(argv=None) -> None:
@@ -183,8 +183,8 @@ def main(argv=None) -> None:
                     help="also time decoding steps of 8 rows whose requests have different routers (a served "
                          "batch mixing routings), over E adapters")
     ap.add_argument("--screen-ab", action="store_true",
-                    help="for libraries whose Arrow gates have a bfloat16 screen (E >= 32), also time the same "
-                         "model with the float32 gate GEMM, alternating with the other runs")
+                    help="for libraries whose Arrow gates have a bfloat16 screen (E >= 128, CPUs with AMX), also time "
+                         "the same model with the float32 gate GEMM, alternating with the other runs")
     ap.add_argument("--gate-screen", action="store_true",
                     help="only time Arrow's gates alone at SmolLM2's shapes, float32 GEMM against the bfloat16 "
                          "screen, over E = 64, 128, 256 and 16 to 1,024 tokens (no model; a few minutes)")

@@ -289,9 +289,9 @@ int64_t quiver_mixture_siblings_f32(
  *     err_n  >= ||w_n - l_n|| + g_d ||l_n||        (g_d = d u / (1 - d u), u = 2^-24)
  *     norm_n >= (1 + g_d) ||l_n||
  *
- * (the GEMM accumulates in float32: g_d ||x~_t|| ||l_n|| bounds that rounding, and ||x~_t|| <=
- * ||x_t|| + dx_t), dx_t = ||x_t - x~_t|| (quiver_to_bf16) and rel the output's relative
- * rounding, with B the largest over the module's present columns of
+ * (PyTorch's bfloat16 GEMM accumulates in float32, which a test checks: g_d ||x~_t|| ||l_n||
+ * bounds that rounding, and ||x~_t|| <= ||x_t|| + dx_t), dx_t = ||x_t - x~_t|| (quiver_to_bf16)
+ * and rel the output's relative rounding, with B the largest over the module's present columns of
  *
  *     b_tn = ||x_t|| err_n + ||x_t - x~_t|| norm_n + rel |a_tn|  >=  |x_t · w_n - a_tn|
  *

@@ -302,6 +302,9 @@ def test_the_screen_bounds_the_low_precision_logit_error():
     assert (gap <= bound).all()
     assert (screen.err.double() >= diff.norm(dim=1)).all() and (screen.norm.double() >= low.norm(dim=1)).all()
     assert screen.low.dtype == torch.bfloat16 and screen.low.shape == rows.shape
+    # the bound takes PyTorch's bfloat16 GEMM to accumulate in float32 (bfloat16 sums stop at 256)
+    ones = torch.ones(4096, dtype=torch.bfloat16)
+    assert torch.mm(ones[None], ones[:, None]).item() == 4096.0
     if native.available():
         x = torch.randn(5, 577, generator=g) * torch.logspace(-30, 30, 5)[:, None]
         out, dx = torch.empty(5, 577, dtype=torch.bfloat16), torch.empty(5)
