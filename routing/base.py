@@ -95,17 +95,18 @@ class RoutingSite:
 class GateScreen:
     """A linear gate's columns in bfloat16, with bounds on what that costs, for a first pass that
     decides which columns can be among a token's top k (kernels/native.py, ``_screen_args``).
-    Row n of ``low: bfloat16 [N, d_in]`` is column n of the gate's ``weight``; for any x::
+    Row n of ``low: bfloat16 [N, d_in]`` is column n of the gate's ``weight``. For x rounded to
+    x~ = bfloat16(x) and a = the float32-accumulated x~ · l_n rounded to bfloat16 (a bfloat16
+    GEMM)::
 
-        |x · w_n - fl(x · l_n)| <= ||x|| · err_n,    err_n  >= ||w_n - l_n|| + g_d ||l_n||
-                                                     norm_n >= (1 + g_d) ||l_n||
-        g_d = d u / (1 - d u),  u = 2^-24  (a float32 dot product's rounding over d terms)
+        |x · w_n - a| <= ||x|| err_n + ||x - x~|| norm_n + r |a|,     r = 2^-8 / (1 - 2^-8)
+        err_n >= ||w_n - l_n|| + g_d ||l_n||,   norm_n >= (1 + g_d) ||l_n||
+        g_d = d u / (1 - d u),  u = 2^-24  (float32 accumulation over d terms)
 
-    (``norm`` bounds the further error when x is rounded too, in a bfloat16 GEMM.) The kernel
-    computes the columns that the bounds cannot rule out from the float32 weight, so the decision
-    is the float32 one: the screen lets prefill-sized steps use a bfloat16 GEMM (several times
-    faster where the CPU has bfloat16 matrix units) for a large gate (Arrow over hundreds of
-    adapters) and changes no decision."""
+    The kernel computes the columns that the bound cannot rule out from the float32 weight, so
+    the decision is the float32 one: the screen lets prefill-sized steps of a large gate (Arrow
+    over hundreds of adapters) use a bfloat16 GEMM, several times faster where the CPU has
+    bfloat16 matrix units, and changes no decision."""
 
     low: Tensor
     err: Tensor
