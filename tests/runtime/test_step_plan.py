@@ -592,8 +592,8 @@ def test_steps_with_a_screened_arrow_gate_equal_the_reference(tiny_model, lib9, 
     """Arrow gates with a bfloat16 screen (built here for 6 adapters and every step size; the
     runtime builds them from SCREEN_MIN_ADAPTERS on CPUs with AMX and uses them from
     SCREEN_MIN_WORK) route steps through the screened decision: one-router and mixed-router
-    steps, prefill and a generation, equal the reference backend and the same steps with the
-    float32 GEMM (``native.SCREEN = False``)."""
+    steps, prefill and a generation, equal the reference backend, each row alone, and the same
+    steps with the float32 GEMM (``native.SCREEN = False``)."""
     import weakref
 
     from quiver.routing import arrow as arrow_mod
@@ -618,6 +618,10 @@ def test_steps_with_a_screened_arrow_gate_equal_the_reference(tiny_model, lib9, 
         got = rm(**kw).logits
         torch.testing.assert_close(got, ref(**kw).logits, atol=1e-5, rtol=0)
         assert native.screen_stats()["calls"] > calls, "no screened gate call"
+        for row in range(3):  # a token's screened decision depends on that token alone
+            alone = {"input_ids": ids[row:row + 1], "attention_mask": mask[row:row + 1],
+                     "routers": routers[row:row + 1]}
+            torch.testing.assert_close(rm(**alone).logits[0], got[row], atol=1e-5, rtol=0)
         gen_kw = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 6, "do_sample": False,
                   "pad_token_id": 0, "routers": routers}
         gen = rm.generate(**gen_kw)
