@@ -149,7 +149,7 @@ def gate_screen_table(sizes: list[int], tokens: list[int], reps: int) -> None:
             for _ in range(30):
                 for d, M in groups:
                     rows = torch.nn.functional.normalize(torch.randn(M * E, d, generator=g), dim=1)
-                    gates.append((rows.T, GateScreen.of(rows), M))
+                    gates.append((rows.T.contiguous(), GateScreen.of(rows), M))  # as Arrow stores them
             for T in tokens:
                 xs = {d: torch.randn(T, d, generator=g) for d in (576, 1536)}
 

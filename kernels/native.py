@@ -188,9 +188,9 @@ def mixture_lora_native(x: Tensor, bank: LoraBank, indices: Tensor, weights: Ten
 # float32 decision. Below that the fixed cost of a call (rounding x, the GEMM's set-up, the kept
 # columns) exceeds what it saves. Arrow at SmolLM2's shapes, one thread, the 30 layers' gates
 # (random unit prototypes; bench/runtime.py --gate-screen), float32 GEMM → screened: E=256
-# 1,024 tokens 605 → 272 ms, 128 tokens 99 → 75, 64 tokens 62 → 51; E=128 1,024 tokens 317 →
-# 209, 256 tokens 94 → 80, 128 tokens 55 → 55; E=64 1,024 tokens 183 → 175. Decoding steps
-# stay below it.
+# 1,024 tokens 641 → 318 ms, 256 tokens 187 → 126, 128 tokens 92 → 85, 64 tokens 54 → 59;
+# E=128 1,024 tokens 335 → 229, 256 tokens 97 → 88, 128 tokens 54 → 63; E=64 1,024 tokens
+# 201 → 199. Decoding steps stay below it.
 SCREEN_MIN_WORK = 32768
 SCREEN = True  # False: every gate takes the float32 GEMM (benchmarks compare the two)
 _BF16_U = 2.0**-8  # bfloat16's unit roundoff (round to nearest even): the GEMM output's relative rounding
@@ -220,17 +220,18 @@ def _screen_args(x: Tensor, weight: Tensor, screen, modules: int) -> tuple | Non
     with contiguous rows."""
     T, d = x.shape
     N = weight.shape[1]
-    if (screen is None or not SCREEN or T * (N // modules) < SCREEN_MIN_WORK or not weight.T.is_contiguous()
-            or not _bf16_gemm_fast() or _load() is None):
+    if (screen is None or not SCREEN or T * (N // modules) < SCREEN_MIN_WORK or not _bf16_gemm_fast()
+            or _load() is None):
         return None
-    if screen.low.shape != (N, d) or screen.err.shape != (N,) or screen.norm.shape != (N,):
+    if (screen.rows.shape != screen.low.shape or screen.low.shape != (N, d) or not screen.rows.is_contiguous()
+            or screen.rows.dtype != torch.float32 or screen.err.shape != (N,) or screen.norm.shape != (N,)):
         raise ValueError(f"a gate screen of {tuple(screen.low.shape)} for a weight of {tuple(weight.shape)}")
     _screen_counts["calls"] += 1
     _screen_counts["columns"] += T * N
     xl, dx = torch.empty(T, d, dtype=torch.bfloat16), torch.empty(T, dtype=torch.float32)
     _state["to_bf16"](x.data_ptr(), T, d, x.stride(0), xl.data_ptr(), dx.data_ptr())  # and ||x_t - xl_t||
     sim = torch.mm(xl, screen.low.T)  # [T, N] bfloat16 (float32 accumulation, rounded once on output)
-    return (sim.data_ptr(), sim.stride(0), weight.data_ptr(), screen.err.data_ptr(), screen.norm.data_ptr(),
+    return (sim.data_ptr(), sim.stride(0), screen.rows.data_ptr(), screen.err.data_ptr(), screen.norm.data_ptr(),
             dx.data_ptr(), _BF16_U / (1 - _BF16_U), (sim, dx))
 
 

@@ -95,7 +95,8 @@ class RoutingSite:
 class GateScreen:
     """A linear gate's columns in bfloat16, with bounds on what that costs, for a first pass that
     decides which columns can be among a token's top k (kernels/native.py, ``_screen_args``).
-    Row n of ``low: bfloat16 [N, d_in]`` is column n of the gate's ``weight``. For x rounded to
+    Row n of ``rows`` and of ``low: bfloat16 [N, d_in]`` is column n of the gate's ``weight``
+    (float32 and bfloat16: the screen costs 1.5 times the weight's memory). For x rounded to
     x~ = bfloat16(x) and a = the float32-accumulated x~ · l_n rounded to bfloat16 (a bfloat16
     GEMM)::
 
@@ -108,13 +109,17 @@ class GateScreen:
     over hundreds of adapters) use a bfloat16 GEMM, several times faster where the CPU has
     bfloat16 matrix units, and changes no decision."""
 
+    rows: Tensor  # float32 [N, d_in]: the weight's columns as rows, for the float32 logits of the kept columns
     low: Tensor
     err: Tensor
     norm: Tensor
 
     @classmethod
     def of(cls, rows: Tensor) -> GateScreen:
-        """The screen of a gate whose columns are the rows of ``rows: float32 [N, d_in]``."""
+        """The screen of a gate whose columns are the rows of ``rows: float32 [N, d_in]`` (kept, as
+        contiguous rows: the gate's own weight stays ``[d_in, N]``, the layout its float32 GEMM
+        reads fastest at decoding sizes)."""
+        rows = rows.contiguous()
         low = rows.to(torch.bfloat16)
         d = rows.shape[1]
         g = d * 2.0**-24 / (1 - d * 2.0**-24)
@@ -122,7 +127,7 @@ class GateScreen:
         lnorm = low64.norm(dim=1)
         err = (rows.double() - low64).norm(dim=1) + g * lnorm
         up = 1 + 1e-6  # the float32 rounding of the bounds themselves: keep them above the exact values
-        return cls(low=low.contiguous(), err=(err * up).float().contiguous(),
+        return cls(rows=rows, low=low.contiguous(), err=(err * up).float().contiguous(),
                    norm=((1 + g) * lnorm * up).float().contiguous())
 
 

@@ -255,7 +255,7 @@ def test_a_prepared_gate_mixture_call_equals_the_one_shot_call_on_every_input():
 
 
 def _screened_gate(M, E, d_in, k, absolute=True, absent=(), seed=0, rows=None, temperature=1.0):
-    """A gate stored as Arrow stores it (the transpose of unit rows) with its screen."""
+    """A gate stored as Arrow stores it (unit columns) with its screen."""
     from quiver.routing import LinearGate
     from quiver.routing.base import GateScreen
 
@@ -269,8 +269,8 @@ def _screened_gate(M, E, d_in, k, absolute=True, absent=(), seed=0, rows=None, t
             present[m, e] = False
             rows[m * E + e] = 0.0
     n_present = E if present is None else int(present.sum(1).min())
-    return LinearGate(rows.T, present, n_present, M, absolute=absolute, top_k=k, temperature=temperature,
-                      screen=GateScreen.of(rows))
+    return LinearGate(rows.T.contiguous(), present, n_present, M, absolute=absolute, top_k=k,
+                      temperature=temperature, screen=GateScreen.of(rows))
 
 
 @pytest.fixture
