@@ -1,5 +1,6 @@
-/* The native CPU backend of the mixture-of-LoRAs delta (merge-after), float32, and of the
- * sparse softmax of the linear routing gate that decides it (quiver_topk_softmax_f32, at the end).
+/* The native CPU backend of the mixture-of-LoRAs delta (merge-after), float32, of the sparse
+ * softmax of the linear routing gate that decides it (quiver_topk_softmax_f32), and of that
+ * decision screened by a bfloat16 GEMM for large gates (quiver_screened_gate_f32, at the end).
  *
  * Index legend: T = tokens, k = slots per token, E = adapters in the bank, R = max rank,
  * r_e = rank of adapter e, d_in / d_out = the module's dimensions.
