@@ -256,7 +256,8 @@ def linear_gate_native(x: Tensor, weight: Tensor, present: Tensor | None, module
     pres = None if present is None else present.bool().contiguous()  # one byte per element, as the C side reads it
     idx = torch.empty(modules, T, k, dtype=torch.int64)
     w = torch.empty(modules, T, k, dtype=torch.float32)
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    if screen is not None and x.stride(-1) != 1:
+        x = x.contiguous()  # the screened path reads rows of x
     screened = _screen_args(x, weight, screen, modules)
     if screened is not None:
         rc = _state["screened"](x.data_ptr(), T, x.shape[1], x.stride(0), *screened[:7], modules, E,

@@ -400,6 +400,19 @@ void quiver_to_bf16(const float *x, int64_t T, int64_t d, int64_t sxt, uint16_t 
 #define QV_VTOPK 8 /* the vector threshold keeps k lane-wise maxima; larger k take the scalar loop */
 #endif
 
+/* v into the k largest values seen so far (topv, descending; *cnt of them). */
+static inline void qv_keep_top(float *topv, int64_t *cnt, int64_t k, float v)
+{
+    if (*cnt == k && !(v > topv[k - 1]))
+        return;
+    int64_t pos = *cnt < k ? (*cnt)++ : k - 1;
+    while (pos > 0 && topv[pos - 1] < v) {
+        topv[pos] = topv[pos - 1];
+        --pos;
+    }
+    topv[pos] = v;
+}
+
 /* The threshold K - 2B of one token and module (-inf: every present column is a candidate). */
 static float qv_threshold(const float *at, int64_t E, const uint8_t *pm, int64_t absolute, int64_t k,
                           float xb, float emax, float nmax, float rel, float dxt)
@@ -407,7 +420,7 @@ static float qv_threshold(const float *at, int64_t E, const uint8_t *pm, int64_t
     float topv[QV_MAX_K], amax = 0.0f;
     int64_t cnt = 0, e = 0;
 #ifdef QV_VW
-    if (!pm && k <= QV_VTOPK) { /* lane-wise k largest (a compare-exchange chain), merged below */
+    if (!pm && k <= QV_VTOPK && E >= QV_VW) { /* lane-wise k largest (a compare-exchange chain), merged below */
         qv_vec top[QV_VTOPK], am = QV_SET1(0.0f);
         for (int64_t j = 0; j < k; ++j)
             top[j] = QV_SET1(-INFINITY);
@@ -439,36 +452,17 @@ static float qv_threshold(const float *at, int64_t E, const uint8_t *pm, int64_t
             amax = fmaxf(amax, aml[i]);
         for (int64_t j = 0; j < k; ++j)
             QV_STORE(lanes + j * QV_VW, top[j]);
-        for (int64_t i = 0; i < k * QV_VW; ++i) {
-            const float v = lanes[i];
-            if (cnt == k && !(v > topv[k - 1]))
-                continue;
-            int64_t pos = cnt < k ? cnt++ : k - 1;
-            while (pos > 0 && topv[pos - 1] < v) {
-                topv[pos] = topv[pos - 1];
-                --pos;
-            }
-            topv[pos] = v;
-        }
-        if (e == 0) /* nothing went through the vectors: their -inf lanes are no columns */
-            cnt = 0;
-        else if (cnt < k || !(topv[cnt - 1] > -INFINITY))
-            cnt = 0, e = 0; /* fewer than k finite lane values: count again below */
+        for (int64_t i = 0; i < k * QV_VW; ++i)
+            qv_keep_top(topv, &cnt, k, lanes[i]);
+        if (!(topv[k - 1] > -INFINITY))
+            cnt = 0, e = 0; /* fewer than k finite lane values (-inf lanes are no columns): count again below */
     }
 #endif
     for (; e < E; ++e) { /* the k largest s(a) over the present columns, and max |a| */
         if (pm && !pm[e])
             continue;
-        const float v = absolute ? fabsf(at[e]) : at[e];
         amax = fmaxf(amax, fabsf(at[e]));
-        if (cnt == k && !(v > topv[k - 1]))
-            continue;
-        int64_t pos = cnt < k ? cnt++ : k - 1;
-        while (pos > 0 && topv[pos - 1] < v) {
-            topv[pos] = topv[pos - 1];
-            --pos;
-        }
-        topv[pos] = v;
+        qv_keep_top(topv, &cnt, k, absolute ? fabsf(at[e]) : at[e]);
     }
     const float B = xb * emax + dxt * nmax + rel * amax;
     if (cnt < k || !isfinite(B) || !isfinite(topv[k - 1]))
