@@ -3,7 +3,7 @@
     python -m quiver.bench.runtime                      # E = 4, 16, 64, 256 and PEFT at 4, 16
     python -m quiver.bench.runtime --experts 4 16 --reps 3 --device cuda
     python -m quiver.bench.runtime --experts 16 --peft --mixed 16   # + batches mixing routings
-    python -m quiver.bench.runtime --gate-screen                    # Arrow's gates alone, bfloat16 screen
+    python -m quiver.bench.runtime --gate-screen                    # Arrow's gates alone, screened
 
 Adapters: seeded random rank-8 LoRAs on all 7 projections of all 30 layers, in a library kept
 at $QUIVER_CACHE/bench-library (built once). Router: Arrow, k=2, merge-after. Each cell is the
@@ -129,8 +129,9 @@ def mixed_routings(model, lib: Library, names: list[str], args) -> None:
 
 def gate_screen_table(sizes: list[int], tokens: list[int], reps: int) -> None:
     """The gates alone, as one forward calls them (30 layers × the 4 groups of sibling modules of
-    SmolLM2-135M: q/k/v, o, gate/up, down), random unit prototypes: the float32 GEMM against the
-    bfloat16 screen (forced on, every size), each the native gate's whole decision."""
+    SmolLM2-135M: q/k/v, o, gate/up, down), random unit prototypes: the float32 GEMM against each
+    screen forced on at every size (the int8 pass, and the bfloat16 GEMM where the CPU has AMX),
+    each the native gate's whole decision."""
     from quiver.routing.base import GateScreen
 
     if not native.available():
@@ -138,35 +139,49 @@ def gate_screen_table(sizes: list[int], tokens: list[int], reps: int) -> None:
     groups = [(576, 3), (576, 1), (576, 2), (1536, 1)]  # (d_in, sibling modules)
     amx = native._bf16_gemm_fast()
     print(f"\nArrow's gates alone (k=2), 30 layers x 4 groups, {torch.get_num_threads()} threads, median of {reps}; "
-          f"bfloat16 matrix units (AMX): {'yes' if amx else 'no: the bfloat16 GEMM is slow here'}\n")
-    print("| E | tokens | float32 GEMM | bfloat16 screen | ratio | columns in float32 |\n|---|---|---|---|---|---|")
-    keep = (native.SCREEN, native.SCREEN_MIN_WORK)
-    native._state["amx"], native.SCREEN_MIN_WORK = True, 1  # the screen at every size, also without AMX
+          f"bfloat16 matrix units (AMX): {'yes' if amx else 'no: no bfloat16 column'}\n")
+    print("| E | tokens | float32 GEMM | int8 pass | ratio | bfloat16 GEMM | ratio | "
+          "columns in float32 (int8, bf16) |\n|---|---|---|---|---|---|---|---|")
+    keep = (native.SCREEN, native.SCREEN_MIN_WORK, native.SCREEN_I8_MAX_TOKENS)
     g = torch.Generator().manual_seed(0)
+
+    def force(pass_: str) -> None:  # the screen's thresholds so that every size takes one pass
+        native.SCREEN = pass_ != "f32"
+        native.SCREEN_MIN_WORK = 1 if pass_ == "bf16" else 1 << 62
+        native.SCREEN_I8_MAX_TOKENS = 1 << 62
+
     try:
         for E in sizes:
             gates = []
             for _ in range(30):
                 for d, M in groups:
                     rows = torch.nn.functional.normalize(torch.randn(M * E, d, generator=g), dim=1)
-                    gates.append((rows.T.contiguous(), GateScreen.of(rows), M))  # as Arrow stores them
+                    gates.append((rows.T.contiguous(), GateScreen.of(rows, bf16=amx), M))  # as Arrow stores them
             for T in tokens:
                 xs = {d: torch.randn(T, d, generator=g) for d in (576, 1536)}
 
-                def run(screen: bool) -> float:
-                    native.SCREEN = screen
+                def run(pass_: str) -> float:
+                    force(pass_)
                     t = time.perf_counter()
                     for W, screen_, M in gates:
                         native.linear_gate_native(xs[W.shape[0]], W, None, M, True, 2, 1.0, screen_)
                     return time.perf_counter() - t
-                before = native.screen_stats()
-                f32, low = measure(lambda: run(False), lambda: run(True), reps)
-                after = native.screen_stats()
-                share = (after["exact"] - before["exact"]) / (after["columns"] - before["columns"])
-                print(f"| {E} | {T} | {f32 * 1e3:.1f} ms | {low * 1e3:.1f} ms | {low / f32:.2f}x | {share:.2%} |")
+                passes = ["f32", "i8"] + (["bf16"] if amx else [])
+                times, shares = {}, {}
+                for p in passes:  # the columns each screen keeps: one call over the gates
+                    before = native.screen_stats()
+                    run(p)
+                    after = native.screen_stats()
+                    if p != "f32":
+                        shares[p] = (after["exact"] - before["exact"]) / (after["columns"] - before["columns"])
+                fns = [lambda p=p: run(p) for p in passes]
+                times = dict(zip(passes, measure(fns[0], fns[1], reps, *fns[2:])))
+                f32 = times["f32"]
+                low = (f"{times['bf16'] * 1e3:.1f} ms | {times['bf16'] / f32:.2f}x" if amx else "- | -")
+                print(f"| {E} | {T} | {f32 * 1e3:.1f} ms | {times['i8'] * 1e3:.1f} ms | {times['i8'] / f32:.2f}x | "
+                      f"{low} | {', '.join(f'{v:.2%}' for v in shares.values())} |")
     finally:
-        native.SCREEN, native.SCREEN_MIN_WORK = keep
-        native._state["amx"] = amx
+        native.SCREEN, native.SCREEN_MIN_WORK, native.SCREEN_I8_MAX_TOKENS = keep
 
 
 def main(argv=None) -> None:
@@ -183,16 +198,18 @@ def main(argv=None) -> None:
                     help="also time decoding steps of 8 rows whose requests have different routers (a served "
                          "batch mixing routings), over E adapters")
     ap.add_argument("--screen-ab", action="store_true",
-                    help="for libraries whose Arrow gates have a bfloat16 screen (E >= 128, CPUs with AMX), also time "
-                         "the same model with the float32 gate GEMM, alternating with the other runs")
+                    help="for libraries whose Arrow gates have a screen (E >= 128: the int8 pass at decoding sizes, "
+                         "the bfloat16 GEMM at prefill sizes on CPUs with AMX), also time the same model with the "
+                         "float32 gate GEMM at every size, alternating with the other runs")
     ap.add_argument("--gate-screen", action="store_true",
-                    help="only time Arrow's gates alone at SmolLM2's shapes, float32 GEMM against the bfloat16 "
-                         "screen, over E = 64, 128, 256 and 16 to 1,024 tokens (no model; a few minutes)")
+                    help="only time Arrow's gates alone at SmolLM2's shapes, float32 GEMM against the int8 pass and "
+                         "the bfloat16 GEMM (each forced on), over E = 64, 128, 256 and 1 to 1,024 tokens (no model; "
+                         "a few minutes)")
     ap.add_argument("--random-weights", action="store_true",
                     help="a random model of SmolLM2-135M's shapes instead of the real weights (same speed)")
     args = ap.parse_args(argv)
     if args.gate_screen:
-        gate_screen_table([64, 128, 256], [16, 64, 128, 256, 1024], args.reps)
+        gate_screen_table([64, 128, 256], [1, 4, 16, 64, 128, 256, 1024], args.reps)
         return
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -248,8 +265,10 @@ def main(argv=None) -> None:
         after = native.screen_stats()
         if after["columns"] > before["columns"]:
             exact = after["exact"] - before["exact"]
-            screened.append(f"E={E}: {exact / (after['columns'] - before['columns']):.2%} of the gate columns "
-                            f"computed in float32 ({exact / (after['calls'] - before['calls']):.1f} per call)")
+            calls = after["calls"] - before["calls"]
+            screened.append(f"E={E}: {calls} calls ({(after['i8'] - before['i8']) / calls:.0%} by the int8 pass), "
+                            f"{exact / (after['columns'] - before['columns']):.2%} of the gate columns computed in "
+                            f"float32 ({exact / calls:.1f} per call)")
         rm.unwrap()
     for E in args.peft:
         from peft import ArrowConfig, create_arrow_model
@@ -280,7 +299,7 @@ def main(argv=None) -> None:
             print("\nQuiver vs PEFT Arrow at E=16 (targets: prefill >= 3x, decode >= 2x): " + ", ".join(
                 f"{k} {peft16[k][1] / quiver16[k][1]:.1f}x" for k in keys))
     if screened:
-        print("\nbfloat16 gate screen (routing.base.GateScreen): " + "; ".join(screened))
+        print("\nscreened gates (routing.base.GateScreen): " + "; ".join(screened))
     if args.mixed:
         mixed_routings(model, lib, names[:args.mixed], args)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10

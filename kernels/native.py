@@ -107,7 +107,7 @@ def _load():
                 fn, gate = so.quiver_mixture_f32, so.quiver_topk_softmax_f32
                 fused, siblings = so.quiver_gate_mixture_f32, so.quiver_mixture_siblings_f32
                 screened, screened_fused = so.quiver_screened_gate_f32, so.quiver_screened_gate_mixture_f32
-                to_bf16 = so.quiver_to_bf16
+                to_bf16, width = so.quiver_to_bf16, so.quiver_vector_width
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 why = f"building {SOURCE.name} with {cc} failed: {e}"
     if why is not None:
@@ -124,14 +124,15 @@ def _load():
     siblings.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr]
     siblings.restype = i64
     f32 = ctypes.c_float
-    screen_args = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, f32, i64, i64, ptr, i64, i64, f32]
+    screen_args = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, f32, i64, i64, ptr, i64, i64, f32]
     screened.argtypes = screen_args + [ptr, ptr, ptr]
     screened.restype = i64
     screened_fused.argtypes = screen_args + [ptr, ptr, ptr, ptr]
     screened_fused.restype = i64
     to_bf16.argtypes, to_bf16.restype = [ptr, i64, i64, i64, ptr, ptr], None
+    width.argtypes, width.restype = [], i64
     _state.update(fn=fn, gate=gate, fused=fused, siblings=siblings, screened=screened, screened_fused=screened_fused,
-                  to_bf16=to_bf16)
+                  to_bf16=to_bf16, width=width())
     return fn
 
 
@@ -182,25 +183,32 @@ def mixture_lora_native(x: Tensor, bank: LoraBank, indices: Tensor, weights: Ten
     return out
 
 
-# A gate with a screen (routing.base.GateScreen) decides T tokens over E adapters per module by a
-# bfloat16 GEMM on CPUs with bfloat16 matrix units (AMX) when T·E >= SCREEN_MIN_WORK, then the
-# float32 logits of the columns its bound keeps (C source, quiver_screened_gate_f32): the
-# float32 decision. Below that the fixed cost of a call (rounding x, the GEMM's set-up, the kept
-# columns) exceeds what it saves. Arrow at SmolLM2's shapes, one thread, the 30 layers' gates
-# (random unit prototypes; bench/runtime.py --gate-screen), float32 GEMM → screened: E=256
-# 1,024 tokens 641 → 318 ms, 256 tokens 187 → 126, 128 tokens 92 → 85, 64 tokens 54 → 59;
-# E=128 1,024 tokens 335 → 229, 256 tokens 97 → 88, 128 tokens 54 → 63; E=64 1,024 tokens
-# 201 → 199. Decoding steps stay below it.
+# A gate with a screen (routing.base.GateScreen) decides T tokens over E adapters per module from
+# a first pass in fewer bits, then the float32 logits of the columns its bound keeps (C source,
+# quiver_screened_gate_f32): the float32 decision either way.
+# - int8, for T <= SCREEN_I8_MAX_TOKENS (decoding steps): a decoding step's gates stream the
+#   prototypes from memory once per step (E=256 at SmolLM2's shapes: 153 MB in float32), and the
+#   int8 pass streams a quarter of that. Arrow's gates of a whole SmolLM2 step, one thread, E=256
+#   (bench/runtime.py --gate-screen): FIGURES_I8.
+# - bfloat16, when T·E >= SCREEN_MIN_WORK on CPUs with bfloat16 matrix units (AMX): one bfloat16
+#   GEMM. Below that its fixed cost (rounding x, the GEMM's set-up, the kept columns) exceeds what
+#   it saves. Float32 GEMM → screened, E=256: 1,024 tokens 641 → 318 ms, 256 tokens 187 → 126,
+#   128 tokens 92 → 85, 64 tokens 54 → 59; E=128 1,024 tokens 335 → 229, 256 tokens 97 → 88,
+#   128 tokens 54 → 63; E=64 1,024 tokens 201 → 199.
+# Between the two, and without a vector unit, the float32 GEMM decides.
 SCREEN_MIN_WORK = 32768
+SCREEN_I8_MAX_TOKENS = 8
 SCREEN = True  # False: every gate takes the float32 GEMM (benchmarks compare the two)
 _BF16_U = 2.0**-8  # bfloat16's unit roundoff (round to nearest even): the GEMM output's relative rounding
+_F32_U = 2.0**-24  # float32's: the int8 pass's product by its scale
 _EXACT = ctypes.c_int64(0)  # the candidates computed in float32, summed by the C side
-_screen_counts = {"calls": 0, "columns": 0}
+_screen_counts = {"calls": 0, "columns": 0, "i8": 0}
 
 
 def screen_stats() -> dict:
-    """Screened gate calls, the columns they decided over and how many of those were computed in
-    float32, since the process started (diagnostics: benchmarks print the fraction)."""
+    """Screened gate calls (``i8`` of them by the int8 pass), the columns they decided over and
+    how many of those were computed in float32, since the process started (diagnostics:
+    benchmarks print the fraction)."""
     return {**_screen_counts, "exact": _EXACT.value}
 
 
@@ -213,26 +221,35 @@ def _bf16_gemm_fast() -> bool:
 
 
 def _screen_args(x: Tensor, weight: Tensor, screen, modules: int) -> tuple | None:
-    """The C arguments that feed the screened decision for ``x`` (the bfloat16 GEMM's output, its
-    row stride, ``rows``, ``err``, ``norm``, ``dx``, ``rel``; the tensors behind the pointers
-    last, to keep them alive), or None where the float32 GEMM decides: no screen, ``SCREEN``
-    off, tokens × adapters below ``SCREEN_MIN_WORK``, no bfloat16 matrix units. ``x``: float32
-    with contiguous rows."""
+    """The C arguments of the screened decision for ``x`` from the first pass this step takes
+    (``low_sim``, its row stride, ``q``, ``qscale``, ``rows``, ``err``, ``norm``, ``dx``, ``rel``;
+    the tensors behind the pointers last, to keep them alive), or None where the float32 GEMM
+    decides: no screen, ``SCREEN`` off, or a size neither pass is for here (see above). ``x``:
+    float32 with contiguous rows."""
     T, d = x.shape
     N = weight.shape[1]
-    if (screen is None or not SCREEN or T * (N // modules) < SCREEN_MIN_WORK or not _bf16_gemm_fast()
-            or _load() is None):
+    if screen is None or not SCREEN or _load() is None:
         return None
-    if (screen.rows.shape != screen.low.shape or screen.low.shape != (N, d) or not screen.rows.is_contiguous()
-            or screen.rows.dtype != torch.float32 or screen.err.shape != (N,) or screen.norm.shape != (N,)):
-        raise ValueError(f"a gate screen of {tuple(screen.low.shape)} for a weight of {tuple(weight.shape)}")
+    bf16 = T * (N // modules) >= SCREEN_MIN_WORK and screen.low is not None and _bf16_gemm_fast()
+    if not bf16 and not (T <= SCREEN_I8_MAX_TOKENS and _state["width"] > 0):
+        return None
+    if (screen.rows.shape != (N, d) or screen.q.shape != (N, d) or not screen.rows.is_contiguous()
+            or screen.rows.dtype != torch.float32 or screen.q.dtype != torch.int8 or not screen.q.is_contiguous()
+            or screen.qscale.shape != (N,) or screen.qerr.shape != (N,)
+            or (screen.low is not None and (screen.low.shape != (N, d) or screen.err.shape != (N,)
+                                            or screen.norm.shape != (N,)))):
+        raise ValueError(f"a gate screen of {tuple(screen.rows.shape)} rows for a weight of {tuple(weight.shape)}")
     _screen_counts["calls"] += 1
     _screen_counts["columns"] += T * N
+    if not bf16:
+        _screen_counts["i8"] += 1
+        return (None, 0, screen.q.data_ptr(), screen.qscale.data_ptr(), screen.rows.data_ptr(),
+                screen.qerr.data_ptr(), None, None, _F32_U / (1 - _F32_U), ())
     xl, dx = torch.empty(T, d, dtype=torch.bfloat16), torch.empty(T, dtype=torch.float32)
     _state["to_bf16"](x.data_ptr(), T, d, x.stride(0), xl.data_ptr(), dx.data_ptr())  # and ||x_t - xl_t||
     sim = torch.mm(xl, screen.low.T)  # [T, N] bfloat16 (float32 accumulation, rounded once on output)
-    return (sim.data_ptr(), sim.stride(0), screen.rows.data_ptr(), screen.err.data_ptr(), screen.norm.data_ptr(),
-            dx.data_ptr(), _BF16_U / (1 - _BF16_U), (sim, dx))
+    return (sim.data_ptr(), sim.stride(0), None, None, screen.rows.data_ptr(), screen.err.data_ptr(),
+            screen.norm.data_ptr(), dx.data_ptr(), _BF16_U / (1 - _BF16_U), (sim, dx))
 
 
 def linear_gate_native(x: Tensor, weight: Tensor, present: Tensor | None, modules: int, absolute: bool,
@@ -260,7 +277,7 @@ def linear_gate_native(x: Tensor, weight: Tensor, present: Tensor | None, module
         x = x.contiguous()  # the screened path reads rows of x
     screened = _screen_args(x, weight, screen, modules)
     if screened is not None:
-        rc = _state["screened"](x.data_ptr(), T, x.shape[1], x.stride(0), *screened[:7], modules, E,
+        rc = _state["screened"](x.data_ptr(), T, x.shape[1], x.stride(0), *screened[:9], modules, E,
                                 None if pres is None else pres.data_ptr(), int(absolute), k, float(temperature),
                                 idx.data_ptr(), w.data_ptr(), ctypes.byref(_EXACT))
         if rc == -1:
@@ -365,7 +382,7 @@ class GateMixtureCall:
         screened = _screen_args(x, self.weight, self.screen, self.M)
         if screened is not None:
             rc = _state["screened_fused"](
-                x.data_ptr(), T, self.d_in, x.stride(0), *screened[:7], self.M, self.E,
+                x.data_ptr(), T, self.d_in, x.stride(0), *screened[:9], self.M, self.E,
                 None if pres is None else pres.data_ptr(), int(self.absolute), self.k, self.temperature,
                 None if sl is None else sl.data_ptr(), self.desc, self._ptrs(*[o.data_ptr() for o in outs]),
                 ctypes.byref(_EXACT))

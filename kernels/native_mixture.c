@@ -495,59 +495,167 @@ static int64_t qv_candidates(const float *at, int64_t E, const uint8_t *pm, int6
         if (!(v < thr))
             ci[n++] = e;
     }
+    for (int64_t j = 0; j < n; ++j) /* the rows' lines requested together: in a decoding step they are cold */
+        for (int64_t i = 0; i < d; i += 16)
+            __builtin_prefetch(rows + ci[j] * d + i);
     for (int64_t j = 0; j < n; ++j)
         cv[j] = qv_dot(rows + ci[j] * d, xt, d);
     return n;
 }
 
+#ifdef QV_VW
+#if QV_VW == 16
+#define QV_LOADI8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+#else
+#define QV_LOADI8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+#endif
+#endif
+#define QV_I8_TB 8 /* tokens per block of the int8 screen: each row of q is read once per block */
+
+/* The int8 screen's logits of tb <= QV_I8_TB tokens (x, row stride sxt) over N rows:
+ * out[j * N + n] = qs[n] * sum_i x[j, i] q[n, i], float32 products and sums (the int8 values
+ * are exact in float32). One token reads 4 rows at a time and prefetches the next 4 (a decoding
+ * step: this loop runs at the memory's speed, a quarter of the float32 rows' bytes); a block of
+ * tokens reads each row once for all of them. */
+static void qv_i8_logits(const float *x, int64_t tb, int64_t d, int64_t sxt, const int8_t *q, const float *qs,
+                         int64_t N, float *out)
+{
+    int64_t n = 0;
+#ifdef QV_VW
+    if (tb == 1) {
+        for (; n + 4 <= N; n += 4) {
+            const int8_t *q0 = q + n * d;
+            if (n + 8 <= N)
+                for (int64_t p = 0; p < 4 * d; p += 64)
+                    __builtin_prefetch(q0 + 4 * d + p);
+            qv_vec a0 = QV_ZERO(), a1 = QV_ZERO(), a2 = QV_ZERO(), a3 = QV_ZERO();
+            int64_t i = 0;
+            for (; i + QV_VW <= d; i += QV_VW) {
+                const qv_vec xv = QV_LOADF(x + i);
+                a0 = QV_FMA(QV_LOADI8(q0 + i), xv, a0);
+                a1 = QV_FMA(QV_LOADI8(q0 + d + i), xv, a1);
+                a2 = QV_FMA(QV_LOADI8(q0 + 2 * d + i), xv, a2);
+                a3 = QV_FMA(QV_LOADI8(q0 + 3 * d + i), xv, a3);
+            }
+            float s[4] = {QV_SUM(a0), QV_SUM(a1), QV_SUM(a2), QV_SUM(a3)};
+            for (; i < d; ++i)
+                for (int64_t j = 0; j < 4; ++j)
+                    s[j] += (float)q0[j * d + i] * x[i];
+            for (int64_t j = 0; j < 4; ++j)
+                out[n + j] = s[j] * qs[n + j];
+        }
+    } else {
+        const float *xs[QV_I8_TB]; /* a short block repeats its last token (computed, not stored) */
+        for (int64_t j = 0; j < QV_I8_TB; ++j)
+            xs[j] = x + (j < tb ? j : tb - 1) * sxt;
+        for (; n < N; ++n) {
+            const int8_t *qn = q + n * d;
+            if (n + 2 < N)
+                for (int64_t p = 0; p < d; p += 64)
+                    __builtin_prefetch(qn + 2 * d + p);
+            qv_vec a[QV_I8_TB];
+            for (int64_t j = 0; j < QV_I8_TB; ++j)
+                a[j] = QV_ZERO();
+            int64_t i = 0;
+            for (; i + QV_VW <= d; i += QV_VW) {
+                const qv_vec wv = QV_LOADI8(qn + i);
+                for (int64_t j = 0; j < QV_I8_TB; ++j)
+                    a[j] = QV_FMA(wv, QV_LOADF(xs[j] + i), a[j]);
+            }
+            for (int64_t j = 0; j < tb; ++j) {
+                float s = QV_SUM(a[j]);
+                for (int64_t r = i; r < d; ++r)
+                    s += (float)qn[r] * xs[j][r];
+                out[j * N + n] = s * qs[n];
+            }
+        }
+    }
+#endif
+    for (; n < N; ++n) /* no vector unit (the runtime then leaves this screen off), and the last rows */
+        for (int64_t j = 0; j < tb; ++j) {
+            const float *xt = x + j * sxt;
+            const int8_t *qn = q + n * d;
+            float s = 0.0f;
+            for (int64_t i = 0; i < d; ++i)
+                s += (float)qn[i] * xt[i];
+            out[j * N + n] = s * qs[n];
+        }
+}
+
+/* Whether this build has the vector paths the screens rely on for speed (QV_VW lanes; 0: none). */
+int64_t quiver_vector_width(void)
+{
+#ifdef QV_VW
+    return QV_VW;
+#else
+    return 0;
+#endif
+}
+
 /* The screened decision, into idx / w [M, T, k] (router positions, as quiver_topk_softmax_f32),
- * from low_sim ([T, N] bfloat16 with row stride slow: the GEMM of quiver_to_bf16's x~ and the
- * bfloat16 rows), its dx and rel; rows: [N, d] float32; err, norm: [N]; N = M * E.
- * *exact += the candidates computed in float32. Returns 0, -1 when a buffer cannot be
- * allocated, -2 when k is outside [1, QV_MAX_K] (in both cases nothing has been written). */
+ * from one of two first passes (exactly one given):
+ * - low_sim: [T, N] bfloat16 with row stride slow, the GEMM of quiver_to_bf16's x~ and the
+ *   bfloat16 rows, with its dx and rel;
+ * - q: [N, d] int8 with per-row scales qs, l_n = qs_n q_n: the logits are computed here
+ *   (qv_i8_logits), x is not rounded (dx = NULL) and rel covers the scale's product, so
+ *   b_tn = ||x_t|| err_n + rel |a_tn| with err_n >= ||w_n - l_n|| + g_d ||l_n||.
+ * rows: [N, d] float32; err, norm: [N] (norm may be NULL when dx is); N = M * E. *exact += the candidates computed in float32.
+ * Returns 0, -1 when a buffer cannot be allocated, -2 when k is outside [1, QV_MAX_K], -3 when
+ * not exactly one first pass is given (in these cases nothing has been written). */
 int64_t quiver_screened_gate_f32(
-    const float *x, int64_t T, int64_t d, int64_t sxt, const uint16_t *low_sim, int64_t slow,
-    const float *rows, const float *err, const float *norm, const float *dx, float rel, int64_t M, int64_t E,
-    const uint8_t *present, int64_t absolute, int64_t k, float temperature, int64_t *idx, float *w, int64_t *exact)
+    const float *x, int64_t T, int64_t d, int64_t sxt, const uint16_t *low_sim, int64_t slow, const int8_t *q,
+    const float *qs, const float *rows, const float *err, const float *norm, const float *dx, float rel, int64_t M,
+    int64_t E, const uint8_t *present, int64_t absolute, int64_t k, float temperature, int64_t *idx, float *w,
+    int64_t *exact)
 {
     if (k > QV_MAX_K || k < 1)
         return -2;
-    const int64_t N = M * E;
-    float *at = malloc((size_t)(N + E + 2 * M) * sizeof(float)); /* a token's logits, then cv, emax, nmax */
+    if (!low_sim == !q)
+        return -3;
+    const int64_t N = M * E, TB = q ? QV_I8_TB : 1;
+    float *at = malloc((size_t)(TB * N + E + 2 * M) * sizeof(float)); /* a block's logits, then cv, emax, nmax */
     int64_t *ci = malloc((size_t)(E + 1) * sizeof(int64_t));
     if (!at || !ci) {
         free(at);
         free(ci);
         return -1;
     }
-    float *cv = at + N, *emax = cv + E, *nmax = emax + M;
+    float *cv = at + TB * N, *emax = cv + E, *nmax = emax + M;
     for (int64_t m = 0; m < M; ++m) { /* B's per-row parts: the largest over the present columns */
         const uint8_t *pm = present ? present + m * E : 0;
         emax[m] = nmax[m] = 0.0f;
         for (int64_t e = 0; e < E; ++e)
             if (!pm || pm[e]) {
                 emax[m] = fmaxf(emax[m], err[m * E + e]);
-                nmax[m] = fmaxf(nmax[m], norm[m * E + e]);
+                nmax[m] = norm ? fmaxf(nmax[m], norm[m * E + e]) : 0.0f;
             }
     }
     int64_t count = 0;
-    for (int64_t t = 0; t < T; ++t) {
-        const float *xt = x + t * sxt;
-        const uint16_t *lt = low_sim + t * slow;
-        for (int64_t n = 0; n < N; ++n)
-            at[n] = qv_bf16(lt[n]);
-        double ss = 0.0; /* in double: no overflow or underflow of the squares */
+    for (int64_t t0 = 0; t0 < T; t0 += TB) {
+        const int64_t tb = T - t0 < TB ? T - t0 : TB;
+        if (q)
+            qv_i8_logits(x + t0 * sxt, tb, d, sxt, q, qs, N, at);
+        for (int64_t t = t0; t < t0 + tb; ++t) {
+            const float *xt = x + t * sxt;
+            float *a = at + (t - t0) * N;
+            if (!q) {
+                const uint16_t *lt = low_sim + t * slow;
+                for (int64_t n = 0; n < N; ++n)
+                    a[n] = qv_bf16(lt[n]);
+            }
+            double ss = 0.0; /* in double: no overflow or underflow of the squares */
 #pragma omp simd reduction(+ : ss)
-        for (int64_t i = 0; i < d; ++i)
-            ss += (double)xt[i] * xt[i];
-        const float xb = (float)sqrt(ss) * 1.0001f; /* the norm's own rounding, with room */
-        const float dxt = dx ? dx[t] * 1.0001f : 0.0f;
-        for (int64_t m = 0; m < M; ++m) {
-            const uint8_t *pm = present ? present + m * E : 0;
-            const float thr = qv_threshold(at + m * E, E, pm, absolute, k, xb, emax[m], nmax[m], rel, dxt);
-            const int64_t n = qv_candidates(at + m * E, E, pm, absolute, thr, xt, rows + m * E * d, d, cv, ci);
-            qv_topk_row(cv, ci, n, 0, absolute, k, temperature, idx + (m * T + t) * k, w + (m * T + t) * k);
-            count += n;
+            for (int64_t i = 0; i < d; ++i)
+                ss += (double)xt[i] * xt[i];
+            const float xb = (float)sqrt(ss) * 1.0001f; /* the norm's own rounding, with room */
+            const float dxt = dx ? dx[t] * 1.0001f : 0.0f;
+            for (int64_t m = 0; m < M; ++m) {
+                const uint8_t *pm = present ? present + m * E : 0;
+                const float thr = qv_threshold(a + m * E, E, pm, absolute, k, xb, emax[m], nmax[m], rel, dxt);
+                const int64_t n = qv_candidates(a + m * E, E, pm, absolute, thr, xt, rows + m * E * d, d, cv, ci);
+                qv_topk_row(cv, ci, n, 0, absolute, k, temperature, idx + (m * T + t) * k, w + (m * T + t) * k);
+                count += n;
+            }
         }
     }
     free(at);
@@ -562,9 +670,9 @@ int64_t quiver_screened_gate_f32(
  * quiver_gate_mixture_f32. */
 int64_t quiver_screened_gate_mixture_f32(
     const float *x, int64_t T, int64_t d_in, int64_t sxt, const uint16_t *low_sim, int64_t slow,
-    const float *rows, const float *err, const float *norm, const float *dx, float rel, int64_t M,
-    int64_t E, const uint8_t *present, int64_t absolute, int64_t k, float temperature, const int64_t *slots,
-    const int64_t *desc, float *const *outs, int64_t *exact)
+    const int8_t *q, const float *qs, const float *rows, const float *err, const float *norm, const float *dx,
+    float rel, int64_t M, int64_t E, const uint8_t *present, int64_t absolute, int64_t k, float temperature,
+    const int64_t *slots, const int64_t *desc, float *const *outs, int64_t *exact)
 {
     if (k > QV_MAX_K || k < 1)
         return -2;
@@ -573,7 +681,7 @@ int64_t quiver_screened_gate_mixture_f32(
     float *w = malloc((size_t)(M * P > 0 ? M * P : 1) * sizeof(float));
     int64_t rc = -1;
     if (idx && w) {
-        rc = quiver_screened_gate_f32(x, T, d_in, sxt, low_sim, slow, rows, err, norm, dx, rel, M, E,
+        rc = quiver_screened_gate_f32(x, T, d_in, sxt, low_sim, slow, q, qs, rows, err, norm, dx, rel, M, E,
                                       present, absolute, k, temperature, idx, w, exact);
         if (!rc)
             rc = qv_map_and_mix(x, T, d_in, sxt, idx, w, M, k, slots, desc, outs);

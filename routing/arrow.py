@@ -30,13 +30,14 @@ from quiver.library import embeddings as emb
 from .base import AdapterSource, GateScreen, LinearGate, Router, RoutingDecision, RoutingSite
 
 MODES = ("merge-after", "merge-before")
-# From this many adapters a float32 gate on a CPU with bfloat16 matrix units (AMX) keeps a
-# bfloat16 copy of its prototypes and their rows (routing.base.GateScreen, +150% of the
-# prototypes' memory: +230 MB at E = 256 on SmolLM2-135M), with which
-# prefill-sized steps decide from a bfloat16 GEMM (kernels/native.py, SCREEN_MIN_WORK): the same
-# decisions. The gates of a 1,024-token prefill at SmolLM2's shapes: E = 256 641 → 318 ms,
-# E = 128 335 → 229 ms; E = 64 201 → 199 ms, nothing to show in a whole forward (two runs of
-# bench/runtime.py --screen-ab: +0.05x and -0.10x of the base model, its noise), so not there.
+# From this many adapters a float32 CPU gate keeps its prototypes' rows and an int8 copy of them,
+# plus a bfloat16 copy where the CPU has bfloat16 matrix units (AMX) (routing.base.GateScreen:
+# +125% / +175% of the prototypes' memory, +190 / +270 MB at E = 256 on SmolLM2-135M), with
+# which decoding steps decide from an int8 pass and prefill-sized steps from a bfloat16 GEMM
+# (kernels/native.py, _screen_args): the same decisions. The gates of a 1,024-token prefill at
+# SmolLM2's shapes: E = 256 641 → 318 ms, E = 128 335 → 229 ms; E = 64 201 → 199 ms, nothing to
+# show in a whole forward (two runs of bench/runtime.py --screen-ab: +0.05x and -0.10x of the
+# base model, its noise), so not there.
 SCREEN_MIN_ADAPTERS = 128
 
 
@@ -71,16 +72,15 @@ class _Stacks:
     def gate_parts(self, paths: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> tuple:
         """``(weight [d_in, M·E], present [M, E] or None, fewest present, screen or None)`` for the
         modules at ``paths``. Float32 CPU gates over at least ``SCREEN_MIN_ADAPTERS`` adapters get
-        their bfloat16 screen where the CPU has AMX."""
+        a screen, with its bfloat16 part where the CPU has AMX."""
         key = (paths, device, dtype)
         hit = self._weights.get(key)
         if hit is None:
             present = torch.stack([self.present[p] for p in paths])  # bool [M, E], on the host
             rows = torch.cat([self.protos[p] for p in paths]).to(device, dtype)  # [M·E, d_in]
             screen = None
-            if (device.type == "cpu" and dtype == torch.float32 and present.shape[1] >= SCREEN_MIN_ADAPTERS
-                    and _bf16_matrix_units()):
-                screen = GateScreen.of(rows)
+            if device.type == "cpu" and dtype == torch.float32 and present.shape[1] >= SCREEN_MIN_ADAPTERS:
+                screen = GateScreen.of(rows, bf16=_bf16_matrix_units())
             hit = self._weights[key] = (rows.T.contiguous(), None if bool(present.all()) else present.to(device),
                                         int(present.sum(1).min()), screen)
         return hit

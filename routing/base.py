@@ -93,42 +93,63 @@ class RoutingSite:
 
 @dataclass(frozen=True)
 class GateScreen:
-    """A linear gate's columns in bfloat16, with bounds on what that costs, for a first pass that
-    decides which columns can be among a token's top k (kernels/native.py, ``_screen_args``).
-    Row n of ``rows`` and of ``low: bfloat16 [N, d_in]`` is column n of the gate's ``weight``
-    (float32 and bfloat16: the screen costs 1.5 times the weight's memory). For x rounded to
-    x~ = bfloat16(x) and a = the float32-accumulated x~ · l_n rounded to bfloat16 (a bfloat16
-    GEMM)::
+    """A linear gate's columns in fewer bits, with bounds on what that costs, for a first pass
+    that decides which columns can be among a token's top k (kernels/native.py, ``_screen_args``);
+    the kernel then computes the columns that the bound cannot rule out from the float32 rows, so
+    the decision is the float32 one. Row n of ``rows``, ``q`` and ``low`` is column n of the
+    gate's ``weight``. With ``g_d = d u / (1 - d u)``, ``u = 2^-24`` (float32 accumulation over
+    d terms):
 
-        |x · w_n - a| <= ||x|| err_n + ||x - x~|| norm_n + r |a|,     r = 2^-8 / (1 - 2^-8)
-        err_n >= ||w_n - l_n|| + g_d ||l_n||,   norm_n >= (1 + g_d) ||l_n||
-        g_d = d u / (1 - d u),  u = 2^-24  (float32 accumulation over d terms)
+    - **int8** (``q``, ``qscale``, ``qerr``; decoding-sized steps, any CPU with vector units):
+      ``l_n = s_n q_n`` with ``s_n = max_i |w_ni| / 127``, and a = the float32-accumulated
+      ``x · q_n`` times ``s_n``. A quarter of the float32 rows' bytes, and a decoding step's
+      gates are a stream over those bytes::
 
-    The kernel computes the columns that the bound cannot rule out from the float32 weight, so
-    the decision is the float32 one: the screen lets prefill-sized steps of a large gate (Arrow
-    over hundreds of adapters) use a bfloat16 GEMM, several times faster where the CPU has
-    bfloat16 matrix units, and changes no decision."""
+          |x · w_n - a| <= ||x|| qerr_n + r |a|,    r = u / (1 - u)
+          qerr_n >= ||w_n - l_n|| + g_d ||l_n||
+
+    - **bfloat16** (``low``, ``err``, ``norm``; prefill-sized steps on CPUs with bfloat16 matrix
+      units, None elsewhere): for x rounded to x~ = bfloat16(x) and a = the float32-accumulated
+      x~ · l_n rounded to bfloat16 (a bfloat16 GEMM)::
+
+          |x · w_n - a| <= ||x|| err_n + ||x - x~|| norm_n + r |a|,     r = 2^-8 / (1 - 2^-8)
+          err_n >= ||w_n - l_n|| + g_d ||l_n||,   norm_n >= (1 + g_d) ||l_n||
+
+    Memory: the float32 rows (the kept columns' logits read them) and the int8 copy are 1.25
+    times the weight's, with the bfloat16 copy 1.75 times."""
 
     rows: Tensor  # float32 [N, d_in]: the weight's columns as rows, for the float32 logits of the kept columns
-    low: Tensor
-    err: Tensor
-    norm: Tensor
+    q: Tensor  # int8 [N, d_in]
+    qscale: Tensor  # float32 [N]
+    qerr: Tensor  # float32 [N]
+    low: Tensor | None = None  # bfloat16 [N, d_in]
+    err: Tensor | None = None
+    norm: Tensor | None = None
 
     @classmethod
-    def of(cls, rows: Tensor) -> GateScreen:
+    def of(cls, rows: Tensor, bf16: bool = True) -> GateScreen:
         """The screen of a gate whose columns are the rows of ``rows: float32 [N, d_in]`` (kept, as
         contiguous rows: the gate's own weight stays ``[d_in, N]``, the layout its float32 GEMM
-        reads fastest at decoding sizes)."""
+        reads fastest at mid sizes); ``bf16``: also the bfloat16 part."""
         rows = rows.contiguous()
-        low = rows.to(torch.bfloat16)
         d = rows.shape[1]
         g = d * 2.0**-24 / (1 - d * 2.0**-24)
-        low64 = low.double()
-        lnorm = low64.norm(dim=1)
-        err = (rows.double() - low64).norm(dim=1) + g * lnorm
         up = 1 + 1e-6  # the float32 rounding of the bounds themselves: keep them above the exact values
-        return cls(rows=rows, low=low.contiguous(), err=(err * up).float().contiguous(),
-                   norm=((1 + g) * lnorm * up).float().contiguous())
+        rows64 = rows.double()
+        amax = rows.abs().amax(dim=1) if d else torch.zeros(rows.shape[0])
+        scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))  # float32, as the kernel multiplies
+        q = torch.round(rows / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        l64 = q.double() * scale.double()[:, None]  # exact: 8 bits times 24 bits
+        qerr = (rows64 - l64).norm(dim=1) + g * l64.norm(dim=1)
+        parts = {}
+        if bf16:
+            low = rows.to(torch.bfloat16)
+            low64 = low.double()
+            lnorm = low64.norm(dim=1)
+            parts = dict(low=low.contiguous(), err=(((rows64 - low64).norm(dim=1) + g * lnorm) * up).float(),
+                         norm=((1 + g) * lnorm * up).float())
+        return cls(rows=rows, q=q.contiguous(), qscale=scale.contiguous(), qerr=(qerr * up).float().contiguous(),
+                   **parts)
 
 
 @dataclass(frozen=True)
@@ -151,7 +172,7 @@ class LinearGate:
     absolute: bool
     top_k: int
     temperature: float = 1.0
-    screen: GateScreen | None = None  # a bfloat16 first pass for large gates (the same decisions)
+    screen: GateScreen | None = None  # an int8 / bfloat16 first pass for large gates (the same decisions)
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The reference evaluation (PyTorch): ``indices int64 [M, T, k']``, ``weights [M, T, k']``."""

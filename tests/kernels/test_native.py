@@ -273,13 +273,20 @@ def _screened_gate(M, E, d_in, k, absolute=True, absent=(), seed=0, rows=None, t
                       temperature=temperature, screen=GateScreen.of(rows))
 
 
-@pytest.fixture
-def screen_path(monkeypatch):
-    """The screened path taken as on a CPU with AMX (forced where there is none: PyTorch's
-    bfloat16 GEMM computes the same there, slowly), for every size. Returns the token counts to
-    test with."""
-    monkeypatch.setitem(native._state, "amx", True)
-    monkeypatch.setattr(native, "SCREEN_MIN_WORK", 1)
+@pytest.fixture(params=["bf16", "i8"])
+def screen_path(request, monkeypatch):
+    """One of the screen's two first passes taken at every size: the bfloat16 GEMM as on a CPU
+    with AMX (forced where there is none: PyTorch's bfloat16 GEMM computes the same there,
+    slowly), or the int8 pass (which needs the C build's vector unit). Returns the token counts
+    to test with (the int8 pass works in blocks of 8 tokens: 7 and 100 end in part-blocks)."""
+    if request.param == "bf16":
+        monkeypatch.setitem(native._state, "amx", True)
+        monkeypatch.setattr(native, "SCREEN_MIN_WORK", 1)
+    else:
+        if native.available() and not native._state["width"]:
+            pytest.skip("this build of the native backend has no vector unit: no int8 pass")
+        monkeypatch.setitem(native._state, "amx", False)
+        monkeypatch.setattr(native, "SCREEN_I8_MAX_TOKENS", 1 << 30)
     return [1, 7, 100]
 
 
@@ -313,6 +320,29 @@ def test_the_screen_bounds_the_low_precision_logit_error():
         torch.testing.assert_close(dx, (x.double() - out.double()).norm(dim=1).float(), rtol=1e-5, atol=0)
 
 
+def test_the_int8_screen_bounds_its_logit_error():
+    """qerr_n bounds |x · w_n - x · l_n| for l_n = qscale_n q_n plus the float32 accumulation of
+    the int8 pass, for any x (random, and along the error, where Cauchy-Schwarz is tight), in
+    float64; q uses the int8 range and a zero row (an absent adapter) costs nothing."""
+    from quiver.routing.base import GateScreen
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(64, 577, generator=g) * torch.logspace(-3, 1, 64)[:, None]
+    rows[5] = 0.0
+    screen = GateScreen.of(rows, bf16=False)
+    assert screen.low is None and screen.q.dtype == torch.int8 and screen.q.shape == rows.shape
+    assert int(screen.q.abs().max()) == 127 and screen.qerr[5] == 0
+    low = screen.q.double() * screen.qscale.double()[:, None]
+    diff = rows.double() - low
+    d = rows.shape[1]
+    acc = d * 2.0**-24 / (1 - d * 2.0**-24) * low.norm(dim=1)
+    assert (screen.qerr.double() >= diff.norm(dim=1) + acc).all()
+    xs = torch.cat([torch.randn(32, 577, generator=g, dtype=torch.float64), diff[:8]])
+    assert ((xs @ diff.T).abs() <= xs.norm(dim=1, keepdim=True) * screen.qerr.double()).all()
+    # the bound is meant to be tight enough to rule columns out: within 2x of the largest error
+    assert (screen.qerr.double() <= 2 * diff.norm(dim=1) + 1e-30)[:5].all()
+
+
 def _stats_delta(before):
     after = native.screen_stats()
     return {key: after[key] - before[key] for key in after}
@@ -344,10 +374,10 @@ def test_screened_decisions_equal_the_float32_gemm(screen_path, M, E, d_in, k, a
 
 
 @needs_native
-def test_the_screen_falls_back_to_float32_where_low_precision_flips_the_order(screen_path):
-    """Columns whose bfloat16 logits order differently from their float32 logits (two near-equal
-    prototypes): the screened decision is the float32 one, found by recomputing them, never the
-    low-precision one."""
+def test_the_screen_falls_back_to_float32_where_low_precision_flips_the_order(screen_path, request):
+    """Columns whose low-precision logits (the pass under test's) order differently from their
+    float32 logits (two near-equal prototypes): the screened decision is the float32 one, found
+    by recomputing them, never the low-precision one."""
     d, g = 576, torch.Generator().manual_seed(0)
     flips = 0
     for trial in range(300):
@@ -357,13 +387,16 @@ def test_the_screen_falls_back_to_float32_where_low_precision_flips_the_order(sc
         rows = torch.nn.functional.normalize(torch.randn(32, d, generator=g), dim=1) * 1e-3  # far below
         rows[0] = base
         rows[1] = torch.nn.functional.normalize(base + 3e-3 * torch.randn(d, generator=g), dim=0)
+        gate = _screened_gate(1, 32, d, 1, rows=rows.clone())
         f32 = (x @ rows.T).abs()
-        low = (x.bfloat16().float() @ rows.bfloat16().float().T).abs()
+        if request.node.callspec.params["screen_path"] == "bf16":
+            low = (x.bfloat16().float() @ gate.screen.low.float().T).abs()
+        else:
+            low = (x @ (gate.screen.q.float() * gate.screen.qscale[:, None]).T).abs()
         flipped = ((f32[:, 0] > f32[:, 1]) != (low[:, 0] > low[:, 1])) & ((f32[:, 0] - f32[:, 1]).abs() > 1e-5)
         if not flipped.any():
             continue
         flips += int(flipped.sum())
-        gate = _screened_gate(1, 32, d, 1, rows=rows.clone())
         idx, _ = native.linear_gate_native(x, gate.weight, None, 1, True, 1, 1.0, gate.screen)
         assert torch.equal(idx[0, :, 0], f32.argmax(1)), f"trial {trial}: the low-precision order won"
         if flips >= 5:
@@ -387,21 +420,27 @@ def test_a_token_that_is_not_finite_takes_every_column_in_float32(screen_path):
 @needs_native
 def test_a_prepared_call_with_a_screen_mixes_as_the_call_without_it(monkeypatch):
     """GateMixtureCall with the gate's screen adds what the call without it adds, with a slot
-    map and an absent adapter; the screen is used from SCREEN_MIN_WORK tokens × adapters on CPUs
-    with bfloat16 matrix units, the float32 GEMM otherwise."""
+    map and an absent adapter; the screen is used up to SCREEN_I8_MAX_TOKENS tokens (the int8
+    pass) and from SCREEN_MIN_WORK tokens × adapters on CPUs with bfloat16 matrix units, the
+    float32 GEMM otherwise."""
     d_in, d_outs, E = 24, (24, 8, 8), 32
     banks = _sibling_banks(d_in, d_outs, [2 + e % 3 for e in range(E + 2)], seed=3)
     slots = torch.randperm(E + 2, generator=torch.Generator().manual_seed(0))[:E]
     gate = _screened_gate(3, E, d_in, 2, absent=((1, 4),))
+    i8 = native._state["width"] > 0
     for amx in (False, True):
         monkeypatch.setitem(native._state, "amx", amx)
-        for T in (1, native.SCREEN_MIN_WORK // E - 1, native.SCREEN_MIN_WORK // E + 3):
+        for T in (1, native.SCREEN_I8_MAX_TOKENS, native.SCREEN_I8_MAX_TOKENS + 1, native.SCREEN_MIN_WORK // E - 1,
+                  native.SCREEN_MIN_WORK // E + 3):
             x = torch.randn(T, d_in, generator=torch.Generator().manual_seed(T))
             outs = [torch.zeros(T, d) for d in d_outs]
             want = [torch.zeros(T, d) for d in d_outs]
             before = native.screen_stats()
             native.GateMixtureCall(d_in, gate.weight, gate.present, True, 2, 0.8, slots, banks, gate.screen)(x, outs)
-            assert _stats_delta(before)["calls"] == (T * E >= native.SCREEN_MIN_WORK and amx)
+            bf16 = T * E >= native.SCREEN_MIN_WORK and amx
+            by_i8 = not bf16 and i8 and T <= native.SCREEN_I8_MAX_TOKENS
+            delta = _stats_delta(before)
+            assert (delta["calls"], delta["i8"]) == (int(bf16 or by_i8), int(by_i8))
             native.GateMixtureCall(d_in, gate.weight, gate.present, True, 2, 0.8, slots, banks)(x, want)
             for o, wnt in zip(outs, want):
                 torch.testing.assert_close(o, wnt, atol=1e-6, rtol=1e-5)

@@ -588,20 +588,29 @@ def test_mixed_router_steps_mix_every_group_in_one_native_call(tiny_model, lib9,
 
 @torch.no_grad()
 @pytest.mark.skipif(not native.available(), reason="no C compiler for the native backend")
-def test_steps_with_a_screened_arrow_gate_equal_the_reference(tiny_model, lib9, monkeypatch):
-    """Arrow gates with a bfloat16 screen (built here for 6 adapters and every step size; the
-    runtime builds them from SCREEN_MIN_ADAPTERS on CPUs with AMX and uses them from
-    SCREEN_MIN_WORK) route steps through the screened decision: one-router and mixed-router
-    steps, prefill and a generation, equal the reference backend, each row alone, and the same
-    steps with the float32 GEMM (``native.SCREEN = False``)."""
+@pytest.mark.parametrize("first_pass", ["bf16", "i8"])
+def test_steps_with_a_screened_arrow_gate_equal_the_reference(tiny_model, lib9, monkeypatch, first_pass):
+    """Arrow gates with a screen (built here for 6 adapters, and its first pass taken at every
+    step size; the runtime builds them from SCREEN_MIN_ADAPTERS, and takes the int8 pass up to
+    SCREEN_I8_MAX_TOKENS and the bfloat16 GEMM from SCREEN_MIN_WORK on CPUs with AMX) route
+    steps through the screened decision: one-router and mixed-router steps, prefill and a
+    generation, equal the reference backend, each row alone, and the same steps with the float32
+    GEMM (``native.SCREEN = False``)."""
     import weakref
 
     from quiver.routing import arrow as arrow_mod
 
     monkeypatch.setattr(arrow_mod, "SCREEN_MIN_ADAPTERS", 1)
-    monkeypatch.setattr(arrow_mod, "_bf16_matrix_units", lambda: True)  # as on a CPU with AMX
-    monkeypatch.setitem(native._state, "amx", True)
-    monkeypatch.setattr(native, "SCREEN_MIN_WORK", 1)  # every step of this tiny batch
+    if first_pass == "bf16":
+        monkeypatch.setattr(arrow_mod, "_bf16_matrix_units", lambda: True)  # as on a CPU with AMX
+        monkeypatch.setitem(native._state, "amx", True)
+        monkeypatch.setattr(native, "SCREEN_MIN_WORK", 1)  # every step of this tiny batch
+    else:
+        if not native._state["width"]:
+            pytest.skip("this build of the native backend has no vector unit: no int8 pass")
+        monkeypatch.setattr(arrow_mod, "_bf16_matrix_units", lambda: False)  # no bfloat16 part
+        monkeypatch.setitem(native._state, "amx", False)
+        monkeypatch.setattr(native, "SCREEN_I8_MAX_TOKENS", 1 << 30)  # every step, prefill too
     monkeypatch.setattr(arrow_mod, "_SHARED", weakref.WeakValueDictionary())  # stacks built with screens
     arrow = Arrow(top_k=2, adapters=TASK_ADAPTERS)
     single = Single("a1")
@@ -614,10 +623,11 @@ def test_steps_with_a_screened_arrow_gate_equal_the_reference(tiny_model, lib9, 
     for routers in ([arrow] * 3, [arrow, single, arrow]):
         kw = {"input_ids": ids, "attention_mask": mask, "routers": routers}
         rm(**kw)  # learns the siblings
-        calls = native.screen_stats()["calls"]
+        calls, i8_calls = native.screen_stats()["calls"], native.screen_stats()["i8"]
         got = rm(**kw).logits
         torch.testing.assert_close(got, ref(**kw).logits, atol=1e-5, rtol=0)
         assert native.screen_stats()["calls"] > calls, "no screened gate call"
+        assert (native.screen_stats()["i8"] > i8_calls) == (first_pass == "i8")
         for row in range(3):  # a token's screened decision depends on that token alone
             alone = {"input_ids": ids[row:row + 1], "attention_mask": mask[row:row + 1],
                      "routers": routers[row:row + 1]}
