@@ -107,7 +107,7 @@ def _load():
                 fn, gate = so.quiver_mixture_f32, so.quiver_topk_softmax_f32
                 fused, siblings = so.quiver_gate_mixture_f32, so.quiver_mixture_siblings_f32
                 screened, screened_fused = so.quiver_screened_gate_f32, so.quiver_screened_gate_mixture_f32
-                to_bf16, width = so.quiver_to_bf16, so.quiver_vector_width
+                to_bf16, width, group = so.quiver_to_bf16, so.quiver_vector_width, so.quiver_i8_group
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 why = f"building {SOURCE.name} with {cc} failed: {e}"
     if why is not None:
@@ -131,8 +131,9 @@ def _load():
     screened_fused.restype = i64
     to_bf16.argtypes, to_bf16.restype = [ptr, i64, i64, i64, ptr, ptr], None
     width.argtypes, width.restype = [], i64
+    group.argtypes, group.restype = [], i64
     _state.update(fn=fn, gate=gate, fused=fused, siblings=siblings, screened=screened, screened_fused=screened_fused,
-                  to_bf16=to_bf16, width=width())
+                  to_bf16=to_bf16, width=width(), i8_group=group())
     return fn
 
 
@@ -200,7 +201,6 @@ SCREEN_MIN_WORK = 32768
 SCREEN_I8_MAX_TOKENS = 8
 SCREEN = True  # False: every gate takes the float32 GEMM (benchmarks compare the two)
 _BF16_U = 2.0**-8  # bfloat16's unit roundoff (round to nearest even): the GEMM output's relative rounding
-_F32_U = 2.0**-24  # float32's: the int8 pass's product by its scale
 _EXACT = ctypes.c_int64(0)  # the candidates computed in float32, summed by the C side
 _screen_counts = {"calls": 0, "columns": 0, "i8": 0}
 
@@ -235,7 +235,7 @@ def _screen_args(x: Tensor, weight: Tensor, screen, modules: int) -> tuple | Non
         return None
     if (screen.rows.shape != (N, d) or screen.q.shape != (N, d) or not screen.rows.is_contiguous()
             or screen.rows.dtype != torch.float32 or screen.q.dtype != torch.int8 or not screen.q.is_contiguous()
-            or screen.qscale.shape != (N,) or screen.qerr.shape != (N,)
+            or screen.qscale.shape != (N, -(-d // _state["i8_group"])) or screen.qerr.shape != (N,)
             or (screen.low is not None and (screen.low.shape != (N, d) or screen.err.shape != (N,)
                                             or screen.norm.shape != (N,)))):
         raise ValueError(f"a gate screen of {tuple(screen.rows.shape)} rows for a weight of {tuple(weight.shape)}")
@@ -244,7 +244,7 @@ def _screen_args(x: Tensor, weight: Tensor, screen, modules: int) -> tuple | Non
     if not bf16:
         _screen_counts["i8"] += 1
         return (None, 0, screen.q.data_ptr(), screen.qscale.data_ptr(), screen.rows.data_ptr(),
-                screen.qerr.data_ptr(), None, None, _F32_U / (1 - _F32_U), ())
+                screen.qerr.data_ptr(), None, None, 0.0, ())
     xl, dx = torch.empty(T, d, dtype=torch.bfloat16), torch.empty(T, dtype=torch.float32)
     _state["to_bf16"](x.data_ptr(), T, d, x.stride(0), xl.data_ptr(), dx.data_ptr())  # and ||x_t - xl_t||
     sim = torch.mm(xl, screen.low.T)  # [T, N] bfloat16 (float32 accumulation, rounded once on output)

@@ -324,6 +324,7 @@ typedef __m512 qv_vec;
 #define QV_SUM(v) _mm512_reduce_add_ps(v)
 #define QV_SET1(f) _mm512_set1_ps(f)
 #define QV_ADD(a, b) _mm512_add_ps(a, b)
+#define QV_MUL(a, b) _mm512_mul_ps(a, b)
 #define QV_MAXV(a, b) _mm512_max_ps(a, b)
 #define QV_MINV(a, b) _mm512_min_ps(a, b)
 #define QV_ABS(a) _mm512_abs_ps(a)
@@ -345,6 +346,7 @@ static inline float QV_SUM(__m256 v)
 }
 #define QV_SET1(f) _mm256_set1_ps(f)
 #define QV_ADD(a, b) _mm256_add_ps(a, b)
+#define QV_MUL(a, b) _mm256_mul_ps(a, b)
 #define QV_MAXV(a, b) _mm256_max_ps(a, b)
 #define QV_MINV(a, b) _mm256_min_ps(a, b)
 #define QV_ABS(a) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a)
@@ -510,21 +512,25 @@ static int64_t qv_candidates(const float *at, int64_t E, const uint8_t *pm, int6
 #define QV_LOADI8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
 #endif
 #endif
-#define QV_I8_TB 8 /* tokens per block of the int8 screen: each row of q is read once per block */
+#define QV_I8_TB 8     /* tokens per block of the int8 screen: each row of q is read once per block */
+#define QV_I8_GROUP 16 /* elements per scale of the int8 screen */
 
-/* The int8 screen's logits of tb <= QV_I8_TB tokens (x, row stride sxt) over N rows:
- * out[j * N + n] = qs[n] * sum_i x[j, i] q[n, i], float32 products and sums (the int8 values
- * are exact in float32). One token reads 4 rows at a time and prefetches the next 4 (a decoding
- * step: this loop runs at the memory's speed, a quarter of the float32 rows' bytes); a block of
- * tokens reads each row once for all of them. */
+/* The int8 screen's logits of tb <= QV_I8_TB tokens (x, row stride sxt) over N rows of d:
+ * out[j * N + n] = sum_i x[j, i] l[n, i], float32 products and sums, where
+ * l[n, i] = float32(q[n, i] * qs[n, i / QV_I8_GROUP]) (qs: [N, G], G = ceil(d / QV_I8_GROUP)),
+ * the values the caller's bound is computed for. One token reads 4 rows at a time and
+ * prefetches the next 4 (a decoding step: this loop runs at the memory's speed, about a
+ * quarter of the float32 rows' bytes); a block of tokens reads each row once for all of them. */
 static void qv_i8_logits(const float *x, int64_t tb, int64_t d, int64_t sxt, const int8_t *q, const float *qs,
                          int64_t N, float *out)
 {
+    const int64_t G = (d + QV_I8_GROUP - 1) / QV_I8_GROUP;
     int64_t n = 0;
 #ifdef QV_VW
     if (tb == 1) {
         for (; n + 4 <= N; n += 4) {
             const int8_t *q0 = q + n * d;
+            const float *s0 = qs + n * G;
             if (n + 8 <= N)
                 for (int64_t p = 0; p < 4 * d; p += 64)
                     __builtin_prefetch(q0 + 4 * d + p);
@@ -532,17 +538,20 @@ static void qv_i8_logits(const float *x, int64_t tb, int64_t d, int64_t sxt, con
             int64_t i = 0;
             for (; i + QV_VW <= d; i += QV_VW) {
                 const qv_vec xv = QV_LOADF(x + i);
-                a0 = QV_FMA(QV_LOADI8(q0 + i), xv, a0);
-                a1 = QV_FMA(QV_LOADI8(q0 + d + i), xv, a1);
-                a2 = QV_FMA(QV_LOADI8(q0 + 2 * d + i), xv, a2);
-                a3 = QV_FMA(QV_LOADI8(q0 + 3 * d + i), xv, a3);
+                const int64_t g = i / QV_I8_GROUP;
+                a0 = QV_FMA(QV_MUL(QV_LOADI8(q0 + i), QV_SET1(s0[g])), xv, a0);
+                a1 = QV_FMA(QV_MUL(QV_LOADI8(q0 + d + i), QV_SET1(s0[G + g])), xv, a1);
+                a2 = QV_FMA(QV_MUL(QV_LOADI8(q0 + 2 * d + i), QV_SET1(s0[2 * G + g])), xv, a2);
+                a3 = QV_FMA(QV_MUL(QV_LOADI8(q0 + 3 * d + i), QV_SET1(s0[3 * G + g])), xv, a3);
             }
             float s[4] = {QV_SUM(a0), QV_SUM(a1), QV_SUM(a2), QV_SUM(a3)};
             for (; i < d; ++i)
-                for (int64_t j = 0; j < 4; ++j)
-                    s[j] += (float)q0[j * d + i] * x[i];
+                for (int64_t j = 0; j < 4; ++j) {
+                    const float l = (float)q0[j * d + i] * s0[j * G + i / QV_I8_GROUP];
+                    s[j] += l * x[i];
+                }
             for (int64_t j = 0; j < 4; ++j)
-                out[n + j] = s[j] * qs[n + j];
+                out[n + j] = s[j];
         }
     } else {
         const float *xs[QV_I8_TB]; /* a short block repeats its last token (computed, not stored) */
@@ -550,6 +559,7 @@ static void qv_i8_logits(const float *x, int64_t tb, int64_t d, int64_t sxt, con
             xs[j] = x + (j < tb ? j : tb - 1) * sxt;
         for (; n < N; ++n) {
             const int8_t *qn = q + n * d;
+            const float *sn = qs + n * G;
             if (n + 2 < N)
                 for (int64_t p = 0; p < d; p += 64)
                     __builtin_prefetch(qn + 2 * d + p);
@@ -558,15 +568,17 @@ static void qv_i8_logits(const float *x, int64_t tb, int64_t d, int64_t sxt, con
                 a[j] = QV_ZERO();
             int64_t i = 0;
             for (; i + QV_VW <= d; i += QV_VW) {
-                const qv_vec wv = QV_LOADI8(qn + i);
+                const qv_vec wv = QV_MUL(QV_LOADI8(qn + i), QV_SET1(sn[i / QV_I8_GROUP]));
                 for (int64_t j = 0; j < QV_I8_TB; ++j)
                     a[j] = QV_FMA(wv, QV_LOADF(xs[j] + i), a[j]);
             }
             for (int64_t j = 0; j < tb; ++j) {
                 float s = QV_SUM(a[j]);
-                for (int64_t r = i; r < d; ++r)
-                    s += (float)qn[r] * xs[j][r];
-                out[j * N + n] = s * qs[n];
+                for (int64_t r = i; r < d; ++r) {
+                    const float l = (float)qn[r] * sn[r / QV_I8_GROUP];
+                    s += l * xs[j][r];
+                }
+                out[j * N + n] = s;
             }
         }
     }
@@ -576,10 +588,18 @@ static void qv_i8_logits(const float *x, int64_t tb, int64_t d, int64_t sxt, con
             const float *xt = x + j * sxt;
             const int8_t *qn = q + n * d;
             float s = 0.0f;
-            for (int64_t i = 0; i < d; ++i)
-                s += (float)qn[i] * xt[i];
-            out[j * N + n] = s * qs[n];
+            for (int64_t i = 0; i < d; ++i) {
+                const float l = (float)qn[i] * qs[n * G + i / QV_I8_GROUP];
+                s += l * xt[i];
+            }
+            out[j * N + n] = s;
         }
+}
+
+/* The elements per scale of the int8 screen (the caller builds its scales to match). */
+int64_t quiver_i8_group(void)
+{
+    return QV_I8_GROUP;
 }
 
 /* Whether this build has the vector paths the screens rely on for speed (QV_VW lanes; 0: none). */
@@ -596,9 +616,9 @@ int64_t quiver_vector_width(void)
  * from one of two first passes (exactly one given):
  * - low_sim: [T, N] bfloat16 with row stride slow, the GEMM of quiver_to_bf16's x~ and the
  *   bfloat16 rows, with its dx and rel;
- * - q: [N, d] int8 with per-row scales qs, l_n = qs_n q_n: the logits are computed here
- *   (qv_i8_logits), x is not rounded (dx = NULL) and rel covers the scale's product, so
- *   b_tn = ||x_t|| err_n + rel |a_tn| with err_n >= ||w_n - l_n|| + g_d ||l_n||.
+ * - q: [N, d] int8 with scales qs per QV_I8_GROUP elements (qv_i8_logits): the logits of the
+ *   float32 rows l_n the scaled int8 values are, computed here; x is not rounded (dx = NULL), so
+ *   b_tn = ||x_t|| err_n with err_n >= ||w_n - l_n|| + g_d ||l_n|| (rel may be 0).
  * rows: [N, d] float32; err, norm: [N] (norm may be NULL when dx is); N = M * E. *exact += the candidates computed in float32.
  * Returns 0, -1 when a buffer cannot be allocated, -2 when k is outside [1, QV_MAX_K], -3 when
  * not exactly one first pass is given (in these cases nothing has been written). */
