@@ -32,7 +32,7 @@ from .base import AdapterSource, GateScreen, LinearGate, Router, RoutingDecision
 MODES = ("merge-after", "merge-before")
 # From this many adapters a float32 CPU gate keeps its prototypes' rows and an int8 copy of them,
 # plus a bfloat16 copy where the CPU has bfloat16 matrix units (AMX) (routing.base.GateScreen:
-# +125% / +175% of the prototypes' memory, +190 / +270 MB at E = 256 on SmolLM2-135M), with
+# +131% / +181% of the prototypes' memory, +200 / +280 MB at E = 256 on SmolLM2-135M), with
 # which decoding steps decide from an int8 pass and prefill-sized steps from a bfloat16 GEMM
 # (kernels/native.py, _screen_args): the same decisions. The gates of a 1,024-token prefill at
 # SmolLM2's shapes: E = 256 641 → 318 ms, E = 128 335 → 229 ms; E = 64 201 → 199 ms, nothing to
