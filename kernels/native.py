@@ -3,8 +3,9 @@
 Four entry points: :func:`mixture_lora_native` (the mixture delta), :func:`linear_gate_native`
 (a linear router's gate and top-k softmax, e.g. Arrow's), :func:`gate_mixture_native` (both, for
 sibling modules that read one input, in one call) and :func:`mixture_siblings_native` (one
-decision mixed into sibling modules, in one call). At prefill sizes the gate of the second and
-third can be screened by a bfloat16 GEMM (routing.base.GateScreen): the same decisions.
+decision mixed into sibling modules, in one call). The gate of the second and third can be
+screened, at decoding sizes by an int8 pass and at prefill sizes by a bfloat16 GEMM
+(routing.base.GateScreen): the same decisions.
 
 Why not a PyTorch extension: the kernel needs no PyTorch headers (raw float32 pointers and
 strides), so a plain ``cc -O3 -march=native -fopenmp-simd -shared`` builds it in about a
@@ -189,8 +190,10 @@ def mixture_lora_native(x: Tensor, bank: LoraBank, indices: Tensor, weights: Ten
 # quiver_screened_gate_f32): the float32 decision either way.
 # - int8, for T <= SCREEN_I8_MAX_TOKENS (decoding steps): a decoding step's gates stream the
 #   prototypes from memory once per step (E=256 at SmolLM2's shapes: 153 MB in float32), and the
-#   int8 pass streams a quarter of that. Arrow's gates of a whole SmolLM2 step, one thread, E=256
-#   (bench/runtime.py --gate-screen): FIGURES_I8.
+#   int8 pass streams about a third of that. Arrow's gates of a whole SmolLM2 step, one thread
+#   (bench/runtime.py --gate-screen), float32 GEMM → int8 pass: E=256 1 token 14.4 → 8.0 ms,
+#   8 tokens 26.2 → 15.6, 16 tokens 30.0 → 26.5; E=128 16 tokens 14.7 → 16.6 (a loss); from 64
+#   tokens the int8 pass takes twice the GEMM's time.
 # - bfloat16, when T·E >= SCREEN_MIN_WORK on CPUs with bfloat16 matrix units (AMX): one bfloat16
 #   GEMM. Below that its fixed cost (rounding x, the GEMM's set-up, the kept columns) exceeds what
 #   it saves. Float32 GEMM → screened, E=256: 1,024 tokens 641 → 318 ms, 256 tokens 187 → 126,
@@ -282,6 +285,8 @@ def linear_gate_native(x: Tensor, weight: Tensor, present: Tensor | None, module
                                 idx.data_ptr(), w.data_ptr(), ctypes.byref(_EXACT))
         if rc == -1:
             raise MemoryError(f"linear_gate_native: no memory for the screen's buffers ({T} tokens)")
+        if rc:
+            raise RuntimeError(f"linear_gate_native: the screened decision returned {rc}")
         return idx, w
     sim = x @ weight  # [T, M·E]
     if T:
@@ -465,9 +470,12 @@ def _pointers(outs: list[Tensor]):
 
 
 def _check(rc: int, P: int, banks: list[LoraBank]) -> None:
-    """Raise for a C return code: -1 (allocation) or 1 + m·P + p (a bad slot p of module m)."""
+    """Raise for a C return code: -1 (allocation), another negative one (arguments the Python
+    side rules out) or 1 + m·P + p (a bad slot p of module m)."""
     if rc == -1:
         raise MemoryError(f"the native mixture could not allocate its buffers ({P} slots per module)")
+    if rc < 0:
+        raise RuntimeError(f"the native call returned {rc}")
     if rc:
         m, p = divmod(rc - 1, P)
         raise ValueError(f"module {m} of the call, slot {p}: a bank slot outside [-1, {banks[m].num_adapters}) "

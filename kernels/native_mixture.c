@@ -1,6 +1,7 @@
 /* The native CPU backend of the mixture-of-LoRAs delta (merge-after), float32, of the sparse
  * softmax of the linear routing gate that decides it (quiver_topk_softmax_f32), and of that
- * decision screened by a bfloat16 GEMM for large gates (quiver_screened_gate_f32, at the end).
+ * decision screened by an int8 pass or a bfloat16 GEMM for large gates (quiver_screened_gate_f32,
+ * at the end).
  *
  * Index legend: T = tokens, k = slots per token, E = adapters in the bank, R = max rank,
  * r_e = rank of adapter e, d_in / d_out = the module's dimensions.
@@ -302,6 +303,12 @@ int64_t quiver_mixture_siblings_f32(
  * float32 rows, as any float32 dot product, and the top-k softmax is taken over them: the
  * columns and weights quiver_topk_softmax_f32 picks from the full float32 logits, up to the
  * rounding of those dot products. A token whose bound is not finite takes every column.
+ *
+ * Decoding steps have the opposite problem: a step of one token reads every prototype once, so
+ * its gates are a stream over their bytes (153 MB per step at E = 256 on SmolLM2-135M). There
+ * the first pass is an int8 copy with one scale per QV_I8_GROUP elements (qv_i8_logits): l_n is
+ * the float32 row those scaled values are, a_tn = x_t · l_n accumulated in float32, x_t is not
+ * rounded, and the same threshold applies with b_tn = ||x_t|| err_n (dx_t = 0, rel = 0).
  */
 #include <float.h>
 #include <string.h>
@@ -519,8 +526,8 @@ static int64_t qv_candidates(const float *at, int64_t E, const uint8_t *pm, int6
  * out[j * N + n] = sum_i x[j, i] l[n, i], float32 products and sums, where
  * l[n, i] = float32(q[n, i] * qs[n, i / QV_I8_GROUP]) (qs: [N, G], G = ceil(d / QV_I8_GROUP)),
  * the values the caller's bound is computed for. One token reads 4 rows at a time and
- * prefetches the next 4 (a decoding step: this loop runs at the memory's speed, about a
- * quarter of the float32 rows' bytes); a block of tokens reads each row once for all of them. */
+ * prefetches the next 4 (a decoding step: this loop runs at the memory's speed, over about a
+ * third of the float32 rows' bytes); a block of tokens reads each row once for all of them. */
 static void qv_i8_logits(const float *x, int64_t tb, int64_t d, int64_t sxt, const int8_t *q, const float *qs,
                          int64_t N, float *out)
 {
@@ -619,8 +626,8 @@ int64_t quiver_vector_width(void)
  * - q: [N, d] int8 with scales qs per QV_I8_GROUP elements (qv_i8_logits): the logits of the
  *   float32 rows l_n the scaled int8 values are, computed here; x is not rounded (dx = NULL), so
  *   b_tn = ||x_t|| err_n with err_n >= ||w_n - l_n|| + g_d ||l_n|| (rel may be 0).
- * rows: [N, d] float32; err, norm: [N] (norm may be NULL when dx is); N = M * E. *exact += the candidates computed in float32.
- * Returns 0, -1 when a buffer cannot be allocated, -2 when k is outside [1, QV_MAX_K], -3 when
+ * rows: [N, d] float32; err, norm: [N] (norm may be NULL when dx is); N = M * E.
+ * *exact += the candidates computed in float32. Returns 0, -1 when a buffer cannot be allocated, -2 when k is outside [1, QV_MAX_K], -3 when
  * not exactly one first pass is given (in these cases nothing has been written). */
 int64_t quiver_screened_gate_f32(
     const float *x, int64_t T, int64_t d, int64_t sxt, const uint16_t *low_sim, int64_t slow, const int8_t *q,
