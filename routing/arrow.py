@@ -34,10 +34,11 @@ MODES = ("merge-after", "merge-before")
 # plus a bfloat16 copy where the CPU has bfloat16 matrix units (AMX) (routing.base.GateScreen:
 # +131% / +181% of the prototypes' memory, +200 / +280 MB at E = 256 on SmolLM2-135M), with
 # which decoding steps decide from an int8 pass and prefill-sized steps from a bfloat16 GEMM
-# (kernels/native.py, _screen_args): the same decisions. The gates of a 1,024-token prefill at
-# SmolLM2's shapes: E = 256 641 → 318 ms, E = 128 335 → 229 ms; E = 64 201 → 199 ms, nothing to
-# show in a whole forward (two runs of bench/runtime.py --screen-ab: +0.05x and -0.10x of the
-# base model, its noise), so not there.
+# (kernels/native.py, _screen_args): the same decisions. At SmolLM2's shapes, the gates of a
+# 1,024-token prefill: E = 256 641 → 318 ms, E = 128 335 → 229 ms, E = 64 201 → 199 ms (nothing
+# to show in a whole forward: two runs of bench/runtime.py --screen-ab gave +0.05x and -0.10x of
+# the base model, its noise); of a 1-token decoding step: E = 256 14.4 → 8.0 ms, E = 128
+# 7.8 → 5.1 ms, E = 64 4.6 → 3.7 ms (1 ms of a ~65 ms step, not worth +131% of the memory).
 SCREEN_MIN_ADAPTERS = 128
 
 
