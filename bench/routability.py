@@ -168,27 +168,42 @@ def study_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _run_of(label: str) -> str:
+    """The training run a study label belongs to: ``30-of-300`` and ``300`` are the snapshot and
+    the end of one 300-step run; other labels are runs of their own."""
+    m = re.fullmatch(r"\d+-of-(\d+)", label)
+    return f"{m.group(1)}-step run" if m else (f"{label}-step run" if label.isdigit() else label)
+
+
 def study_plot(rows: list[dict], path: Path) -> None:
+    """Routing and quality against the optimiser steps each row's adapters had, one line per
+    training run (its snapshots and its end)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [r["budget"] for r in rows]
-    xs = range(len(rows))
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    a1.plot(xs, [r["own_share"] for r in rows], "o-", label="own-adapter share (task tokens)")
-    a1.plot(xs, [r["top1_hit"] for r in rows], "s-", label="own adapter on top")
-    a1.axhline(rows[0]["random"], ls=":", c="gray", label="random share (1/E)")
-    a1.set_xticks(list(xs), labels)
+    runs: dict[str, list[dict]] = {}
+    for r in rows:
+        runs.setdefault(_run_of(r["budget"]), []).append(r)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (run, rs) in enumerate(runs.items()):
+        rs = sorted(rs, key=lambda r: r["steps"])
+        xs, c = [r["steps"] for r in rs], f"C{i}"
+        a1.plot(xs, [r["top1_hit"] for r in rs], "s-", c=c, label=f"own adapter on top ({run})")
+        a1.plot(xs, [r["own_share"] for r in rs], "o:", c=c, label=f"own-adapter share ({run})")
+        a2.plot(xs, [r["arrow_over_oracle"] for r in rs], "o-", c=c, label=f"Arrow / oracle EM ({run})")
+        a2.plot(xs, [r["valid_loss"] for r in rs], "s:", c=c, label=f"mean validation loss ({run})")
+    a1.axhline(rows[0]["random"], ls="--", c="gray", lw=0.8, label="random share (1/E)")
+    steps = sorted({r["steps"] for r in rows})
+    for ax, title in ((a1, "Arrow top-2 routing on held-in prompts"), (a2, "quality and loss")):
+        ax.set_xscale("log")
+        ax.set_xticks(steps, [str(s) for s in steps])
+        ax.minorticks_off()
+        ax.set_xlabel("optimiser steps")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
     a1.set_ylim(0, 1.05)
-    a1.set_title("Arrow routing on held-in prompts")
-    a1.legend(fontsize=8)
-    a2.plot(xs, [r["arrow_over_oracle"] for r in rows], "o-", label="Arrow / oracle exact match (held-in)")
-    a2.plot(xs, [r["valid_loss"] for r in rows], "s--", label="mean validation loss")
-    a2.set_xticks(list(xs), labels)
-    a2.set_title("quality and loss")
-    a2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -93,3 +93,16 @@ def test_arrow_vote_gets_its_votes_and_routes_each_prompt_whole(routed, tiny_tok
         assert d["own_share"] in (0.0, 0.5, 1.0)  # task "a" has two prompts
         assert d["own_share"] == pytest.approx(d["top1_hit"])
         assert d["top1_hit"] == arrow["per_task"][t]["top1_hit"]
+
+
+def test_the_budget_plot_draws_one_line_per_training_run(tmp_path):
+    """A snapshot (``30-of-300``) and the end of its run (``300``) share a line; other labels
+    are runs of their own; the plot is written."""
+    from quiver.bench.routability import _run_of, study_plot
+
+    assert _run_of("30-of-300") == _run_of("300") == "300-step run"
+    assert _run_of("30") == "30-step run" and _run_of("shipped-30") == "shipped-30"
+    row = {"own_share": 0.2, "top1_hit": 1.0, "random": 1 / 12, "arrow_over_oracle": 0.6, "valid_loss": 0.1}
+    rows = [dict(row, budget=b, steps=n) for b, n in (("30", 30), ("30-of-300", 30), ("300", 300))]
+    study_plot(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
