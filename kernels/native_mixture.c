@@ -522,6 +522,17 @@ static int64_t qv_candidates(const float *at, int64_t E, const uint8_t *pm, int6
 #define QV_I8_TB 8     /* tokens per block of the int8 screen: each row of q is read once per block */
 #define QV_I8_GROUP 16 /* elements per scale of the int8 screen */
 
+/* s + sum over i in [from, d) of x[i] l_n[i], one product and sum at a time: the part of an int8
+ * row's logit that no vector covers (all of it without a vector unit). */
+static inline float qv_i8_tail(const int8_t *qn, const float *sn, const float *x, int64_t from, int64_t d, float s)
+{
+    for (int64_t i = from; i < d; ++i) {
+        const float l = (float)qn[i] * sn[i / QV_I8_GROUP];
+        s += l * x[i];
+    }
+    return s;
+}
+
 /* The int8 screen's logits of tb <= QV_I8_TB tokens (x, row stride sxt) over N rows of d:
  * out[j * N + n] = sum_i x[j, i] l[n, i], float32 products and sums, where
  * l[n, i] = float32(q[n, i] * qs[n, i / QV_I8_GROUP]) (qs: [N, G], G = ceil(d / QV_I8_GROUP)),
@@ -551,14 +562,9 @@ static void qv_i8_logits(const float *x, int64_t tb, int64_t d, int64_t sxt, con
                 a2 = QV_FMA(QV_MUL(QV_LOADI8(q0 + 2 * d + i), QV_SET1(s0[2 * G + g])), xv, a2);
                 a3 = QV_FMA(QV_MUL(QV_LOADI8(q0 + 3 * d + i), QV_SET1(s0[3 * G + g])), xv, a3);
             }
-            float s[4] = {QV_SUM(a0), QV_SUM(a1), QV_SUM(a2), QV_SUM(a3)};
-            for (; i < d; ++i)
-                for (int64_t j = 0; j < 4; ++j) {
-                    const float l = (float)q0[j * d + i] * s0[j * G + i / QV_I8_GROUP];
-                    s[j] += l * x[i];
-                }
+            const float s[4] = {QV_SUM(a0), QV_SUM(a1), QV_SUM(a2), QV_SUM(a3)};
             for (int64_t j = 0; j < 4; ++j)
-                out[n + j] = s[j];
+                out[n + j] = qv_i8_tail(q0 + j * d, s0 + j * G, x, i, d, s[j]);
         }
     } else {
         const float *xs[QV_I8_TB]; /* a short block repeats its last token (computed, not stored) */
@@ -579,28 +585,14 @@ static void qv_i8_logits(const float *x, int64_t tb, int64_t d, int64_t sxt, con
                 for (int64_t j = 0; j < QV_I8_TB; ++j)
                     a[j] = QV_FMA(wv, QV_LOADF(xs[j] + i), a[j]);
             }
-            for (int64_t j = 0; j < tb; ++j) {
-                float s = QV_SUM(a[j]);
-                for (int64_t r = i; r < d; ++r) {
-                    const float l = (float)qn[r] * sn[r / QV_I8_GROUP];
-                    s += l * xs[j][r];
-                }
-                out[j * N + n] = s;
-            }
+            for (int64_t j = 0; j < tb; ++j)
+                out[j * N + n] = qv_i8_tail(qn, sn, xs[j], i, d, QV_SUM(a[j]));
         }
     }
 #endif
     for (; n < N; ++n) /* no vector unit (the runtime then leaves this screen off), and the last rows */
-        for (int64_t j = 0; j < tb; ++j) {
-            const float *xt = x + j * sxt;
-            const int8_t *qn = q + n * d;
-            float s = 0.0f;
-            for (int64_t i = 0; i < d; ++i) {
-                const float l = (float)qn[i] * qs[n * G + i / QV_I8_GROUP];
-                s += l * xt[i];
-            }
-            out[j * N + n] = s;
-        }
+        for (int64_t j = 0; j < tb; ++j)
+            out[j * N + n] = qv_i8_tail(q + n * d, qs + n * G, x + j * sxt, 0, d, 0.0f);
 }
 
 /* The elements per scale of the int8 screen (the caller builds its scales to match). */
@@ -627,8 +619,9 @@ int64_t quiver_vector_width(void)
  *   float32 rows l_n the scaled int8 values are, computed here; x is not rounded (dx = NULL), so
  *   b_tn = ||x_t|| err_n with err_n >= ||w_n - l_n|| + g_d ||l_n|| (rel may be 0).
  * rows: [N, d] float32; err, norm: [N] (norm may be NULL when dx is); N = M * E.
- * *exact += the candidates computed in float32. Returns 0, -1 when a buffer cannot be allocated, -2 when k is outside [1, QV_MAX_K], -3 when
- * not exactly one first pass is given (in these cases nothing has been written). */
+ * *exact += the candidates computed in float32. Returns 0, -1 when a buffer cannot be allocated,
+ * -2 when k is outside [1, QV_MAX_K], -3 when not exactly one first pass is given (in these
+ * cases nothing has been written). */
 int64_t quiver_screened_gate_f32(
     const float *x, int64_t T, int64_t d, int64_t sxt, const uint16_t *low_sim, int64_t slow, const int8_t *q,
     const float *qs, const float *rows, const float *err, const float *norm, const float *dx, float rel, int64_t M,
