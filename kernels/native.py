@@ -223,12 +223,24 @@ def _bf16_gemm_fast() -> bool:
     return _state["amx"]
 
 
-def _screen_args(x: Tensor, weight: Tensor, screen, modules: int) -> tuple | None:
+def _check_screen(screen, d: int, N: int) -> None:
+    """Raise unless ``screen`` (routing.base.GateScreen) is laid out as the C side reads it, for a
+    gate weight of ``[d, N]``. The native backend must be loaded (the int8 group size is its)."""
+    if (screen.rows.shape != (N, d) or screen.q.shape != (N, d) or not screen.rows.is_contiguous()
+            or screen.rows.dtype != torch.float32 or screen.q.dtype != torch.int8 or not screen.q.is_contiguous()
+            or screen.qscale.shape != (N, -(-d // _state["i8_group"])) or screen.qerr.shape != (N,)
+            or (screen.low is not None and (screen.low.shape != (N, d) or screen.err.shape != (N,)
+                                            or screen.norm.shape != (N,)))):
+        raise ValueError(f"a gate screen of {tuple(screen.rows.shape)} rows for a weight of {(d, N)}")
+
+
+def _screen_args(x: Tensor, weight: Tensor, screen, modules: int, checked: bool = False) -> tuple | None:
     """The C arguments of the screened decision for ``x`` from the first pass this step takes
     (``low_sim``, its row stride, ``q``, ``qscale``, ``rows``, ``err``, ``norm``, ``dx``, ``rel``;
     the tensors behind the pointers last, to keep them alive), or None where the float32 GEMM
     decides: no screen, ``SCREEN`` off, or a size neither pass is for here (see above). ``x``:
-    float32 with contiguous rows."""
+    float32 with contiguous rows; ``checked``: the caller has already checked the screen against
+    this weight (a prepared call does it once, not at every step)."""
     T, d = x.shape
     N = weight.shape[1]
     if screen is None or not SCREEN or _load() is None:
@@ -236,12 +248,8 @@ def _screen_args(x: Tensor, weight: Tensor, screen, modules: int) -> tuple | Non
     bf16 = T * (N // modules) >= SCREEN_MIN_WORK and screen.low is not None and _bf16_gemm_fast()
     if not bf16 and not (T <= SCREEN_I8_MAX_TOKENS and _state["width"] > 0):
         return None
-    if (screen.rows.shape != (N, d) or screen.q.shape != (N, d) or not screen.rows.is_contiguous()
-            or screen.rows.dtype != torch.float32 or screen.q.dtype != torch.int8 or not screen.q.is_contiguous()
-            or screen.qscale.shape != (N, -(-d // _state["i8_group"])) or screen.qerr.shape != (N,)
-            or (screen.low is not None and (screen.low.shape != (N, d) or screen.err.shape != (N,)
-                                            or screen.norm.shape != (N,)))):
-        raise ValueError(f"a gate screen of {tuple(screen.rows.shape)} rows for a weight of {tuple(weight.shape)}")
+    if not checked:
+        _check_screen(screen, d, N)
     _screen_counts["calls"] += 1
     _screen_counts["columns"] += T * N
     if not bf16:
@@ -260,8 +268,9 @@ def linear_gate_native(x: Tensor, weight: Tensor, present: Tensor | None, module
     """A linear router's decision at ``modules`` modules reading ``x: [T, d_in]``, float32 on
     the CPU: the semantics of :meth:`quiver.routing.base.LinearGate.route` (``weight: [d_in, M·E]``,
     ``present: bool [M, E]`` or None): the logits by one PyTorch GEMM, then abs, mask, top-k and
-    softmax in one C call; or, for a gate with a ``screen`` (routing.base.GateScreen) and enough
-    tokens, the same decision from a bfloat16 GEMM screened by a bound (:func:`_screen_args`).
+    softmax in one C call; or, for a gate with a ``screen`` (routing.base.GateScreen) at the sizes
+    its passes are for, the same decision from an int8 pass or a bfloat16 GEMM screened by a bound
+    (:func:`_screen_args`).
     Returns ``indices int64 [M, T, k']`` and ``weights float32 [M, T, k']`` with
     ``k' = min(top_k, E)``."""
     if _load() is None:
@@ -365,6 +374,8 @@ class GateMixtureCall:
         self.weight, self.absolute, self.top_k, self.temperature = weight, bool(absolute), top_k, float(temperature)
         self.present, self.slots = _as(present, torch.bool), _as(slots, torch.int64)
         self.screen = screen  # routing.base.GateScreen or None (_screen_args)
+        if screen is not None:
+            _check_screen(screen, d_in, N)
         if self.slots is not None and self.slots.numel() != E:
             raise ValueError(f"gate_mixture_native: {self.slots.numel()} slots for a gate over {E} adapters")
         self.desc = _desc(banks, d_in, "gate_mixture_native")
@@ -384,7 +395,7 @@ class GateMixtureCall:
             return
         x = x if x.stride(-1) == 1 else x.contiguous()
         pres, sl = self.present, self.slots
-        screened = _screen_args(x, self.weight, self.screen, self.M)
+        screened = _screen_args(x, self.weight, self.screen, self.M, checked=True)
         if screened is not None:
             rc = _state["screened_fused"](
                 x.data_ptr(), T, self.d_in, x.stride(0), *screened[:9], self.M, self.E,

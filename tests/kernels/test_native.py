@@ -454,3 +454,16 @@ def test_a_prepared_call_with_a_screen_mixes_as_the_call_without_it(monkeypatch)
             native.GateMixtureCall(d_in, gate.weight, gate.present, True, 2, 0.8, slots, banks)(x, want)
             for o, wnt in zip(outs, want):
                 torch.testing.assert_close(o, wnt, atol=1e-6, rtol=1e-5)
+
+
+@needs_native
+def test_a_screen_of_another_gate_is_refused(screen_path):
+    """A screen whose rows do not match the gate's weight raises, from the gate call at a size
+    the screen serves and from a prepared call as it is made (it checks once, not per step)."""
+    gate = _screened_gate(1, 32, 24, 2)
+    other = _screened_gate(1, 32, 16, 2).screen
+    with pytest.raises(ValueError, match="gate screen"):
+        native.linear_gate_native(torch.randn(1, 24), gate.weight, None, 1, True, 2, 1.0, other)
+    banks = _sibling_banks(24, (8,), [2] * 32, seed=1)
+    with pytest.raises(ValueError, match="gate screen"):
+        native.GateMixtureCall(24, gate.weight, None, True, 2, 1.0, None, banks, other)
