@@ -167,7 +167,7 @@ def gate_screen_table(sizes: list[int], tokens: list[int], reps: int) -> None:
                         native.linear_gate_native(xs[W.shape[0]], W, None, M, True, 2, 1.0, screen_)
                     return time.perf_counter() - t
                 passes = ["f32", "i8"] + (["bf16"] if amx else [])
-                times, shares = {}, {}
+                shares = {}
                 for p in passes:  # the columns each screen keeps: one call over the gates
                     before = native.screen_stats()
                     run(p)
